@@ -1,0 +1,15 @@
+"""nmsparse: N:M structured sparsity training for JAX/Flax models.
+
+Pure functions over arrays and pytrees: N:M masks, decay and structure schedules,
+``jax.custom_vjp`` gradient-flow ops for every recipe, and the glue that applies
+them to the kernels of any Flax model chosen by ordered regex rules.
+"""
+
+from nmsparse.masks import argsort_mask, check_nm, nm_mask, topk_mask
+from nmsparse.ops import hard_mask, mdgf, srste, ste
+from nmsparse.recipes import RECIPES, Recipe, Sparsifier, make_sparsifier, recipe_config
+from nmsparse.rules import NMSpec, parse_nm, preset, resolve
+from nmsparse.schedules import Decay, Phases, Structure
+from nmsparse.step_adam import scale_by_step_adam, step_adam
+
+__version__ = '0.1.0'

@@ -1,0 +1,166 @@
+"""N:M keep-masks: the N largest-magnitude entries of every group of M.
+
+Groups are M consecutive entries along the contraction axis (or axes, flattened
+in row-major order) of a kernel. A Flax ``Dense`` kernel is ``(in, out)``, so the
+default axis is 0; kernels stacked by ``nn.scan`` carry leading layer axes, so
+address their contraction axes from the end (``axis=-2``).
+
+Ties are broken deterministically: the lower index inside a group wins.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Axes = Union[int, Sequence[int]]
+
+# Above this many argmax/argmin passes a sort-based mask is cheaper.
+_MAX_PASSES = 8
+
+
+def normalize_axes(ndim: int, axis: Axes) -> tuple[int, ...]:
+  """Returns the sorted, non-negative contraction axes for a rank-``ndim`` array."""
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  if not axes:
+    raise ValueError('N:M axes must name at least one axis.')
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(f'N:M axis {a} is out of range for an array of rank {ndim}.')
+    out.append(a % ndim)
+  if len(set(out)) != len(out):
+    raise ValueError(f'N:M axes {axes} repeat an axis (rank {ndim}).')
+  return tuple(sorted(out))
+
+
+def check_nm(shape: Sequence[int], n: int, m: int, axis: Axes = 0,
+             name: str | None = None) -> tuple[int, ...]:
+  """Validates an N:M pattern for a kernel shape; returns the normalized axes.
+
+  Raises ValueError naming the parameter (``name``), its shape and the pattern
+  when ``not 0 < n <= m`` or when the contraction size is not divisible by M.
+  """
+  what = f'parameter {name!r} with shape {tuple(shape)}' if name else f'shape {tuple(shape)}'
+  if not (isinstance(n, int) and isinstance(m, int)):
+    raise TypeError(f'N:M needs integers, got N={n!r}, M={m!r} for {what}.')
+  if m <= 0 or n <= 0 or n > m:
+    raise ValueError(f'Invalid N:M pattern {n}:{m} for {what}: need 0 < N <= M.')
+  axes = normalize_axes(len(shape), axis)
+  k = math.prod(shape[a] for a in axes)
+  if k % m:
+    raise ValueError(
+        f'N:M {n}:{m} does not fit {what}: the contraction size along axes {axes} '
+        f'is {k}, which is not divisible by M={m}. Choose an M that divides {k} '
+        'or leave this parameter dense.')
+  return axes
+
+
+def _to_groups(x: jax.Array, axes: tuple[int, ...], m: int):
+  """Views ``x`` as ``(pre, K // m, m, post)``; returns the view and an inverse."""
+  lo, hi = axes[0], axes[-1]
+  perm = None
+  if axes != tuple(range(lo, hi + 1)):  # Non-contiguous: gather them at `lo`.
+    rest = [a for a in range(x.ndim) if a not in axes]
+    perm = rest[:lo] + list(axes) + rest[lo:]
+    x = jnp.transpose(x, perm)
+    hi = lo + len(axes) - 1
+  shape = x.shape
+  pre, post = math.prod(shape[:lo]), math.prod(shape[hi + 1:])
+  k = math.prod(shape[lo:hi + 1])
+  g = x.reshape(pre, k // m, m, post)
+
+  def back(y):
+    y = y.reshape(shape)
+    if perm is not None:
+      y = jnp.transpose(y, [perm.index(i) for i in range(len(perm))])
+    return y
+
+  return g, back
+
+
+def _pairwise_keep(a: jax.Array, n: int, m: int) -> jax.Array:
+  """rank_i = #{j : a_j > a_i or (a_j == a_i and j < i)}; keep rank_i < n. O(M) per entry."""
+  idx = lax.broadcasted_iota(jnp.int32, a.shape, 2)
+  rank = jnp.zeros(a.shape, jnp.int8 if m < 128 else jnp.int32)
+  for j in range(m):
+    aj = a[:, :, j:j + 1, :]
+    beats = (aj > a) | ((aj == a) & (idx > j))
+    rank = rank + beats.astype(rank.dtype)
+  return rank < n
+
+
+def _passes_keep(a: jax.Array, n: int, m: int) -> jax.Array:
+  """min(N, M-N) argmax (or argmin) passes over each group. O(passes) per entry."""
+  idx = lax.broadcasted_iota(jnp.int32, a.shape, 2)
+  if n <= m - n:  # Pick the n largest, first occurrence (lower index) wins.
+    keep = jnp.zeros(a.shape, bool)
+    for _ in range(n):
+      first = jnp.argmax(jnp.where(keep, -1.0, a), axis=2, keepdims=True)
+      keep = keep | (idx == first)
+    return keep
+  # Drop the m - n smallest; among equal smallest the higher index goes first.
+  keep = jnp.ones(a.shape, bool)
+  for _ in range(m - n):
+    rev = jnp.flip(jnp.where(keep, a, jnp.inf), axis=2)
+    last = (m - 1) - jnp.argmin(rev, axis=2, keepdims=True)
+    keep = keep & (idx != last)
+  return keep
+
+
+def _sorted_keep(a: jax.Array, n: int, m: int) -> jax.Array:
+  """Stable sort by descending magnitude (ties: lower index first); O(M log M)."""
+  order = jnp.argsort(-a, axis=2, stable=True)
+  rank = jnp.argsort(order, axis=2, stable=True)
+  return rank < n
+
+
+def nm_mask(w: jax.Array, n: int, m: int, axis: Axes = 0) -> jax.Array:
+  """Boolean N:M keep-mask of ``w``: True for the N largest |w| of each group of M.
+
+  ``mask[g, i] = rank_i(|w_g|) < N`` where ``rank`` orders a group of M
+  consecutive entries along ``axis`` by decreasing magnitude, ties broken by
+  lower index. ``axis`` may be a tuple of contraction axes, flattened in
+  row-major order before grouping (``DenseGeneral`` output projections).
+
+  The algorithm is chosen per (N, M) for speed: a pairwise rank for small M,
+  min(N, M - N) argmax passes otherwise, a stable sort past that. NaN counts as
+  the largest magnitude, so every group still keeps exactly N entries.
+  """
+  axes = check_nm(w.shape, n, m, axis)
+  if n == m:
+    return jnp.ones(w.shape, bool)
+  a = jnp.abs(lax.stop_gradient(w))
+  if jnp.issubdtype(a.dtype, jnp.floating):
+    a = jnp.where(jnp.isnan(a), jnp.inf, a)
+  g, back = _to_groups(a, axes, m)
+  passes = min(n, m - n)
+  if m <= 4 or (m <= 16 and 2 * passes >= m // 2):
+    keep = _pairwise_keep(g, n, m)
+  elif passes <= _MAX_PASSES:
+    keep = _passes_keep(g, n, m)
+  else:
+    keep = _sorted_keep(g, n, m)
+  return back(keep)
+
+
+def topk_mask(w: jax.Array, n: int, m: int, axis: Axes = 0) -> jax.Array:
+  """Reference N:M mask through ``lax.top_k`` on each group (same ties). For comparison."""
+  axes = check_nm(w.shape, n, m, axis)
+  g, back = _to_groups(jnp.abs(w), axes, m)
+  g = jnp.moveaxis(g, 2, -1)
+  _, idx = lax.top_k(g, n)
+  keep = jnp.any(idx[..., None] == jnp.arange(m), axis=-2)
+  return back(jnp.moveaxis(keep, -1, 2))
+
+
+def argsort_mask(w: jax.Array, n: int, m: int, axis: Axes = 0) -> jax.Array:
+  """Reference N:M mask by double argsort, the usual approach elsewhere. For comparison."""
+  axes = check_nm(w.shape, n, m, axis)
+  g, back = _to_groups(jnp.abs(w), axes, m)
+  return back(_sorted_keep(g, n, m))
