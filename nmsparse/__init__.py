@@ -10,6 +10,6 @@ from nmsparse.ops import hard_mask, mdgf, srste, ste
 from nmsparse.recipes import RECIPES, Recipe, Sparsifier, make_sparsifier, recipe_config
 from nmsparse.rules import NMSpec, parse_nm, preset, resolve
 from nmsparse.schedules import Decay, Phases, Structure
-from nmsparse.step_adam import scale_by_step_adam, step_adam
+from nmsparse.step_optimizer import scale_by_step_adam, step_adam
 
 __version__ = '0.1.0'

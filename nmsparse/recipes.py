@@ -36,7 +36,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from jax import lax
 
@@ -44,20 +43,22 @@ from nmsparse import masks as masks_lib
 from nmsparse import ops
 from nmsparse import rules as rules_lib
 from nmsparse import schedules
-from nmsparse import step_adam
+from nmsparse import step_optimizer
 
 PyTree = Any
 RECIPES = ('dense', 'oneshot', 'hard', 'ste', 'srste', 'mdgf', 'sdgf', 'mdgf_sdgf', 'step')
 _STATEFUL = ('oneshot', 'hard')
 
 
-def recipe_config(name: str = 'mdgf', **overrides: Any) -> ml_collections.ConfigDict:
+def recipe_config(name: str = 'mdgf', **overrides: Any) -> 'ml_collections.ConfigDict':
   """Default ``ConfigDict`` for a recipe; ``overrides`` set top-level or dotted keys.
 
   Durations: ``dense_frac``/``finetune_frac`` (and STEP's ``t_min``/``t_max``) are
   fractions of the run; the ``*_steps`` fields, when set, are step counts and take
   precedence. ``step.t_max=None`` lets AutoSwitch alone decide.
   """
+  import ml_collections  # Lazy: the library itself needs only jax, flax and optax.
+
   ph = ml_collections.config_dict.placeholder
   c = ml_collections.ConfigDict()
   c.name = name
@@ -76,6 +77,7 @@ def recipe_config(name: str = 'mdgf', **overrides: Any) -> ml_collections.Config
   c.step = ml_collections.ConfigDict(dict(
       t_min=0.1, t_max=0.5, t_min_steps=ph(int), t_max_steps=ph(int), threshold=1e-8, window=ph(int), statistic='mean', scale_free=False,
       frozen_eps=ph(float), srste=False))
+  c.lock()  # A misspelt key is an error, here and in `--config.recipe.x=...` overrides.
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split('.')
@@ -83,6 +85,20 @@ def recipe_config(name: str = 'mdgf', **overrides: Any) -> ml_collections.Config
       node = node[p]
     node[leaf] = value
   return c
+
+
+class _attrs:
+  """Attribute view of a nested mapping, so a plain dict works like a ``ConfigDict``."""
+
+  def __init__(self, d):
+    self._d = d
+
+  def __getattr__(self, key):
+    try:
+      v = self._d[key]
+    except KeyError:
+      raise ValueError(f'Recipe config has no key {key!r}; start from nmsparse.recipe_config().') from None
+    return _attrs(v) if hasattr(v, 'keys') else v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +118,9 @@ class Recipe:
   step_srste: bool = False
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, total_steps: int) -> 'Recipe':
-    """Parses and checks ``config``; errors name the bad key and the valid choices."""
-    c = config
+  def from_config(cls, config: Any, total_steps: int) -> 'Recipe':
+    """Parses and checks a recipe config (``ConfigDict`` or nested dict); errors name the bad key."""
+    c = _attrs(config)
     if c.name not in RECIPES:
       raise ValueError(f'Unknown recipe {c.name!r}; choose one of {RECIPES}.')
     dense = c.dense_steps if c.dense_steps is not None else float(c.dense_frac)
@@ -248,7 +264,7 @@ class Sparsifier:
       if opt_state is None:
         raise ValueError('recipe "step" reads its phase from the optimizer state: pass opt_state= '
                          'to Sparsifier.apply (and build the optimizer with sp.scale_by_adam).')
-      sparse = step_adam.switched(opt_state)
+      sparse = step_optimizer.switched(opt_state)
       return jnp.where(ft, 2, jnp.where(sparse, 1, 0)).astype(jnp.int32)
     ph = self.phases.phase(step)
     return jnp.where(ph == schedules.DENSE, 0,
@@ -376,11 +392,11 @@ class Sparsifier:
       return optax.scale_by_adam(b1=b1, b2=b2, eps=eps, **kw)
     sparse_mask = jax.tree.map(lambda s: s is not None, self.specs,
                                is_leaf=lambda x: x is None or isinstance(x, rules_lib.NMSpec))
-    return step_adam.scale_by_step_adam(b1=b1, b2=b2, eps=eps, sparse_mask=sparse_mask,
+    return step_optimizer.scale_by_step_adam(b1=b1, b2=b2, eps=eps, sparse_mask=sparse_mask,
                                         **self.recipe.step_kwargs, **kw)
 
 
-def make_sparsifier(config: ml_collections.ConfigDict, rules: rules_lib.Rules, params: PyTree,
+def make_sparsifier(config: Any, rules: rules_lib.Rules, params: PyTree,
                     total_steps: int, *, log: bool = True) -> Sparsifier:
   """Builds a ``Sparsifier`` from a recipe config, ordered rules and (abstract) params.
 

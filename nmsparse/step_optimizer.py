@@ -264,7 +264,7 @@ def scale_by_step_adam(
     z_count = jnp.where(was, state.z_count, optax.safe_increment(state.z_count))
     zbar = _window_mean(z_window, z_count)
     tested = zbar / mean_v if scale_free else zbar
-    fire = (tested < threshold) & (count_inc >= t_min)
+    fire = (tested < threshold) & (count_inc > t_min)
     if t_max is not None:
       fire = fire | (count_inc > t_max)
     fire = fire & ~was
