@@ -288,8 +288,9 @@ def test_plain_dict_config_works():
 def test_library_imports_with_only_jax_flax_optax():
   """Regression (reference bug 11): the package imports with nothing but its core dependencies."""
   code = ('import sys\n'
-          'for mod in ("ml_collections", "absl", "orbax", "tensorflow_datasets", "clu", "grain", '
-          '"tensorflow"):\n'
+          '# Experiment-only packages (absl and orbax come with optax and flax themselves).\n'
+          'for mod in ("ml_collections", "tensorflow_datasets", "clu", "grain", "tensorflow", '
+          '"matplotlib", "sentencepiece"):\n'
           '    sys.modules[mod] = None\n'
           'import nmsparse, jax.numpy as jnp\n'
           'print(int(nmsparse.nm_mask(jnp.arange(8.0), 1, 4).sum()))\n')
