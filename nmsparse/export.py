@@ -145,7 +145,7 @@ def _cumcount(x: np.ndarray) -> np.ndarray:
 
 
 def _select(groups: np.ndarray, nz: np.ndarray, count: np.ndarray, n: int) -> np.ndarray:
-  """Bool ``(G, M)`` choosing exactly N slots per group: nonzeros, then -0.0, then +0.0, low index first."""
+  """Bool ``(G, M)``, exactly N slots per group: nonzeros, then -0.0, then +0.0; low index first."""
   sel = nz.copy()
   need = np.nonzero(count < n)[0]
   if need.size == 0:

@@ -165,7 +165,8 @@ def training_flops(params: PyTree, specs: Optional[PyTree], recipe: Any, tokens:
   elif r.name == 'step':
     if switch_step is None:
       raise ValueError('recipe "step" switches at a data-dependent step: pass switch_step= (the '
-                       'first step of its mask phase, nmsparse.step_optimizer.find_step_state(opt_state).switch_step).')
+                       'first step of its mask phase: '
+                       'nmsparse.step_optimizer.find_step_state(opt_state).switch_step).')
     if not 0 <= switch_step <= ph.total:
       raise ValueError(f'switch_step={switch_step} lies outside the run of {ph.total} steps.')
     sw = min(int(switch_step), ph.finetune_start)
@@ -182,7 +183,9 @@ def training_flops(params: PyTree, specs: Optional[PyTree], recipe: Any, tokens:
       below = np.nonzero(a < mdgf_threshold)[0]
       cross = ph.dense_end + (int(below[0]) if below.size else ph.sparse_steps)
     for k in range(len(starts) - 1):
-      stage = lambda s, k=k: math.prod(sp.stage_patterns(s)[k][:1]) / sp.stage_patterns(s)[k][1]
+      def stage(s, k=k):
+        n, m = sp.stage_patterns(s)[k]
+        return n / m
       lo, hi = starts[k], starts[k + 1]
       wg = 'sparse' if hard else 'dense'
       mid = min(max(cross, lo), hi)

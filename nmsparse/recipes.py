@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -177,6 +178,7 @@ class Sparsifier:
 
   recipe: Recipe
   specs: PyTree
+  sizes: PyTree = None  # Params-shaped pytree of leaf sizes (for size-weighted densities).
 
   # ---------------------------------------------------------------- structure
   @property
@@ -284,12 +286,13 @@ class Sparsifier:
                 density=dens[b])
 
   def _stage_density(self, k: int) -> float:
-    specs = [s for s in rules_lib.spec_leaves(self.specs) if s is not None]
-    if not specs:
-      return 1.0
-    return float(sum(n / m for n, m in (self.stage_patterns(s)[k] for s in specs)) / len(specs))
+    """Kept fraction of the sparsified kernels' entries in stage ``k`` (size-weighted)."""
+    flat = jax.tree_util.tree_leaves(self.sizes)
+    pairs = [(self.stage_patterns(s)[k], size)
+             for s, size in zip(rules_lib.spec_leaves(self.specs), flat) if s is not None]
+    total = sum(size for _, size in pairs)
+    return float(sum(size * n / m for (n, m), size in pairs) / total) if total else 1.0
 
-  # ---------------------------------------------------------------- forward
   def _branches(self, step, state) -> list[tuple[Callable, Callable]]:
     """Per branch (dense, each sparse stage, fine-tune): ``(mask_fn, op)`` over one kernel.
 
@@ -405,7 +408,8 @@ def make_sparsifier(config: Any, rules: rules_lib.Rules, params: PyTree,
   """
   recipe = Recipe.from_config(config, total_steps)
   specs = rules_lib.resolve(rules, params, log=log)
-  sp = Sparsifier(recipe, specs)
+  sizes = jax.tree.map(lambda x: int(np.prod(x.shape)), params)
+  sp = Sparsifier(recipe, specs, sizes)
   if recipe.structure is not None:
     for key, (s, w) in sp._keyed_sparse(params).items():
       for n, m in sp.stage_patterns(s):

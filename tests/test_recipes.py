@@ -123,7 +123,8 @@ def test_phases_dense_recipe_finetune():
   eff = sp.apply(moved, sp.update(moved, state70, 71), 71)
   np.testing.assert_array_equal(np.asarray(eff['fc1']['kernel']) != 0, mk)
   info = {k: float(v) for k, v in sp.info(71).items()}
-  assert info == {'phase': 2.0, 'decay': 0.0, 'stage': 0.0, 'density': (0.25 + 0.5) / 2}
+  # Size-weighted: fc1 has 128 entries at 1:4, fc2 32 at 2:4.
+  assert info == {'phase': 2.0, 'decay': 0.0, 'stage': 0.0, 'density': pytest.approx((128 * 0.25 + 32 * 0.5) / 160)}
   info = {k: float(v) for k, v in sp.info(10).items()}
   assert info['phase'] == 0 and info['decay'] == 1 and info['density'] == 1
 

@@ -1,0 +1,1 @@
+"""Experiments built on nmsparse: models, configs and training entry points."""

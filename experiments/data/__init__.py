@@ -1,0 +1,1 @@
+"""Input data: the offline Fashion-MNIST builder, preprocessing and the grain pipeline."""

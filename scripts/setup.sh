@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for nmsparse: a virtual environment in .venv with the
+# requirements and the package (editable). Idempotent: a second run is quick.
+# Picks the newest Python >= 3.11 it finds (3.12+ gets the newest JAX).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3.12 /root/.pyenv/versions/3.12.*/bin/python3 python3.11 python3; do
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+      PY=$cand; break
+    fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup: need Python >= 3.11 (set PYTHON=/path/to/python3)" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $("$PY" --version)"
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -m pip install -q --no-deps -e .
+echo "setup: $(.venv/bin/python -c 'import sys, jax, flax, optax; print(f"python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}")')"
