@@ -107,8 +107,8 @@ def _passes_keep(a: jax.Array, n: int, m: int) -> jax.Array:
   # Drop the m - n smallest; among equal smallest the higher index goes first.
   keep = jnp.ones(a.shape, bool)
   for _ in range(m - n):
-    rev = jnp.flip(jnp.where(keep, a, jnp.inf), axis=2)
-    last = (m - 1) - jnp.argmin(rev, axis=2, keepdims=True)
+    low = jnp.min(jnp.where(keep, a, jnp.inf), axis=2, keepdims=True)
+    last = jnp.max(jnp.where(keep & (a == low), idx, -1), axis=2, keepdims=True)
     keep = keep & (idx != last)
   return keep
 

@@ -89,7 +89,6 @@ def _decayed(x, mask, a):
   return jnp.where(mask, x, (a * x).astype(x.dtype))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
 def mdgf(w: jax.Array, mask: jax.Array, a: jax.Array,
          backward: str = DEFAULT_MDGF_BACKWARD) -> jax.Array:
   """MDGF: forward ``(mask + (1 - mask) a) * w``.
@@ -98,12 +97,17 @@ def mdgf(w: jax.Array, mask: jax.Array, a: jax.Array,
   ``g`` to every weight; ``'decay_scaled'`` (as the predecessor JAX code) sends
   ``(mask + (1 - mask) a) * g``, the true gradient of the forward.
   """
+  if backward not in MDGF_BACKWARDS:
+    raise ValueError(f'Unknown MDGF backward {backward!r}; choose one of {MDGF_BACKWARDS}.')
+  return _mdgf(w, mask, a, backward)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mdgf(w, mask, a, backward):
   return _decayed(w, mask, a)
 
 
 def _mdgf_fwd(w, mask, a, backward):
-  if backward not in MDGF_BACKWARDS:
-    raise ValueError(f'Unknown MDGF backward {backward!r}; choose one of {MDGF_BACKWARDS}.')
   res = (mask, a) if backward == 'decay_scaled' else None
   return _decayed(w, mask, a), res
 
@@ -115,4 +119,4 @@ def _mdgf_bwd(backward, res, g):
   return _decayed(g, mask, a), None, jnp.zeros_like(a)
 
 
-mdgf.defvjp(_mdgf_fwd, _mdgf_bwd)
+_mdgf.defvjp(_mdgf_fwd, _mdgf_bwd)

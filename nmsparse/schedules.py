@@ -12,7 +12,6 @@ is the recipe's clock: it is 0 at the first sparse step, whatever the warm-up.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Union
 
@@ -205,4 +204,4 @@ def stage_starts(num_stages: int, phases: Phases) -> np.ndarray:
 def stage_index(step: jax.Array, starts: Sequence[int]) -> jax.Array:
   """Index of the stage containing ``step`` (0 before the first start), as int32."""
   starts = jnp.asarray(np.asarray(starts)[1:], jnp.int32)
-  return jnp.sum(jnp.asarray(step) >= starts).astype(jnp.int32)
+  return jnp.sum(jnp.asarray(step)[..., None] >= starts, axis=-1).astype(jnp.int32)

@@ -1,0 +1,76 @@
+"""Shared pieces of the experiment configs: the argument string and the default blocks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+import nmsparse
+
+ph = ml_collections.config_dict.placeholder
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses ``'variant=S/16,recipe=mdgf,runlocal'`` into a locked ConfigDict.
+
+  Values are typed by their defaults (a bare key sets a bool to True); unknown
+  keys are an error that lists the known ones.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f'Unknown config argument {key!r}; known: {sorted(defaults)}.')
+    default = defaults[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f'Config argument {key!r} needs a value ({key}=...).')
+      out[key] = True
+    elif isinstance(default, bool):
+      if value.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'Config argument {key}={value!r}: write true or false.')
+      out[key] = value.lower() in ('true', '1')
+    else:
+      out[key] = type(default)(value) if default is not None else value
+  out.lock()
+  return out
+
+
+def sparsity(recipe: str, nm: str, layers: str, **recipe_overrides: Any) -> ml_collections.ConfigDict:
+  """The ``config.sparsity`` block: a recipe, the N:M pattern and the layer preset."""
+  nmsparse.parse_nm(nm)
+  return ml_collections.ConfigDict(dict(
+      recipe=nmsparse.recipe_config(recipe, **recipe_overrides),
+      nm=nm,
+      layers=layers,        # nmsparse.preset name: 'mlp' | 'mlp_qkv' | 'all'
+      rules=ph(tuple),      # Optional explicit ((regex, 'N:M' or None, axes), ...), before the preset.
+  ))
+
+
+def optimizer(lr: float, *, wd: float = 1e-4, clip: float = 1.0, b1: float = 0.9, b2: float = 0.999,
+              warmup_steps: int | None = None, warmup_epochs: float | None = None,
+              base_batch: int | None = None) -> ml_collections.ConfigDict:
+  """AdamW with linear warm-up then cosine; ``base_batch`` enables square-root lr scaling."""
+  return ml_collections.ConfigDict(dict(
+      name='adamw', lr=lr, b1=b1, b2=b2, eps=1e-8, wd=wd, clip=clip, schedule='cosine',
+      warmup_steps=ph(int) if warmup_steps is None else warmup_steps,
+      warmup_epochs=ph(float) if warmup_epochs is None else warmup_epochs,
+      base_batch=ph(int) if base_batch is None else base_batch,
+  ))
+
+
+def run_defaults(config: ml_collections.ConfigDict) -> None:
+  """Fields every config has: durations (steps | epochs | examples), logging, checkpoints, mesh."""
+  config.seed = 0
+  config.total_steps = ph(int)
+  config.total_epochs = ph(float)
+  config.total_examples = ph(int)
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.diagnostics_every_steps = 50  # nmsparse diagnostics (sparsity, flips, grad norms)
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  config.abstract_lowering_only = False

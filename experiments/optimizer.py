@@ -1,0 +1,61 @@
+"""The optimizer from config: clip, Adam's preconditioner (the recipe's), AdamW decay, schedule."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import ml_collections
+import optax
+
+import nmsparse
+
+
+def duration_steps(config: ml_collections.ConfigDict, prefix: str, steps_per_epoch: int,
+                   batch_size: int, default: int | None = None) -> int | None:
+  """``{prefix}_steps`` | ``{prefix}_epochs`` | ``{prefix}_examples`` as steps (exactly one may be set)."""
+  given = {k: config.get(f'{prefix}_{k}') for k in ('steps', 'epochs', 'examples')}
+  given = {k: v for k, v in given.items() if v is not None}
+  if len(given) > 1:
+    raise ValueError(f'Give one of {prefix}_steps / {prefix}_epochs / {prefix}_examples, not {sorted(given)}.')
+  if not given:
+    return default
+  (kind, value), = given.items()
+  steps = {'steps': lambda v: int(v), 'epochs': lambda v: int(round(v * steps_per_epoch)),
+           'examples': lambda v: int(round(v / batch_size))}[kind](value)
+  if steps < 0:
+    raise ValueError(f'{prefix}_{kind} = {value} gives a negative number of steps.')
+  return steps
+
+
+def learning_rate(config: ml_collections.ConfigDict, batch_size: int, total_steps: int,
+                  warmup_steps: int) -> optax.Schedule:
+  """Linear warm-up to ``lr`` (square-root scaled by ``batch / base_batch`` if set), then cosine or constant."""
+  lr = config.lr
+  if config.base_batch:
+    lr = lr * (batch_size / config.base_batch) ** 0.5
+  if config.schedule == 'cosine':
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1))
+  if config.schedule == 'constant':
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup_steps, 1)),
+                                 optax.constant_schedule(lr)], [warmup_steps])
+  raise ValueError(f'optimizer.schedule={config.schedule!r}; choose "cosine" or "constant".')
+
+
+def make_optimizer(config: ml_collections.ConfigDict, sp: nmsparse.Sparsifier, *, batch_size: int,
+                   total_steps: int, steps_per_epoch: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW whose second-moment preconditioner comes from the recipe (``sp.scale_by_adam``: STEP's for STEP)."""
+  if config.name != 'adamw':
+    raise ValueError(f'optimizer.name={config.name!r}; only "adamw" is built in.')
+  warmup = duration_steps(config, 'warmup', steps_per_epoch, batch_size, default=0)
+  schedule = learning_rate(config, batch_size, total_steps, warmup)
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim > 1, params)  # Kernels only.
+  tx = optax.chain(
+      optax.clip_by_global_norm(config.clip) if config.clip else optax.identity(),
+      sp.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
+      optax.add_decayed_weights(config.wd, mask=decay_mask) if config.wd else optax.identity(),
+      optax.scale_by_learning_rate(schedule),
+  )
+  logging.info('optimizer: AdamW peak lr %.3g, warm-up %d steps, %s over %d steps', schedule(warmup),
+               warmup, config.schedule, total_steps)
+  return tx, schedule
