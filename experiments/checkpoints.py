@@ -36,7 +36,8 @@ class Checkpointer:
                                              cleanup_tmp_directories=True))
 
   def steps(self) -> list[int]:
-    return sorted(self._mngr.all_steps(read=True))
+    self._mngr.reload()
+    return sorted(self._mngr.all_steps())
 
   def save(self, step: int, state: PyTree, data_state: dict, meta: dict, *, force: bool = False) -> bool:
     """Saves at multiples of ``every`` (or when ``force``); returns whether it saved."""

@@ -13,19 +13,22 @@ import nmsparse
 
 def duration_steps(config: ml_collections.ConfigDict, prefix: str, steps_per_epoch: int,
                    batch_size: int, default: int | None = None) -> int | None:
-  """``{prefix}_steps`` | ``{prefix}_epochs`` | ``{prefix}_examples`` as steps (exactly one may be set)."""
-  given = {k: config.get(f'{prefix}_{k}') for k in ('steps', 'epochs', 'examples')}
-  given = {k: v for k, v in given.items() if v is not None}
-  if len(given) > 1:
-    raise ValueError(f'Give one of {prefix}_steps / {prefix}_epochs / {prefix}_examples, not {sorted(given)}.')
-  if not given:
-    return default
-  (kind, value), = given.items()
-  steps = {'steps': lambda v: int(v), 'epochs': lambda v: int(round(v * steps_per_epoch)),
-           'examples': lambda v: int(round(v / batch_size))}[kind](value)
-  if steps < 0:
-    raise ValueError(f'{prefix}_{kind} = {value} gives a negative number of steps.')
-  return steps
+  """``{prefix}_steps``, else ``{prefix}_examples``, else ``{prefix}_epochs``, as steps.
+
+  The first one set wins (so ``--config.total_steps=100`` overrides a config's
+  epochs from the command line); the choice is logged.
+  """
+  for kind, to_steps in (('steps', lambda v: int(v)),
+                         ('examples', lambda v: int(round(v / batch_size))),
+                         ('epochs', lambda v: int(round(v * steps_per_epoch)))):
+    value = config.get(f'{prefix}_{kind}')
+    if value is not None:
+      steps = to_steps(value)
+      if steps < 0:
+        raise ValueError(f'{prefix}_{kind} = {value} gives a negative number of steps.')
+      logging.info('%s: %d steps (from %s_%s = %s)', prefix, steps, prefix, kind, value)
+      return steps
+  return default
 
 
 def learning_rate(config: ml_collections.ConfigDict, batch_size: int, total_steps: int,

@@ -57,6 +57,10 @@ class Progress:
     self._last_step, self._last_time = first_step, time.perf_counter()
     self.steps_per_sec = math.nan
 
+  def pause(self, step: int) -> None:
+    """Restarts the rate clock (after an eval or a checkpoint, which are not training time)."""
+    self._last_step, self._last_time = step, time.perf_counter()
+
   def update(self, step: int) -> str:
     now = time.perf_counter()
     if step > self._last_step:

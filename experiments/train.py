@@ -178,9 +178,9 @@ def evaluate(s: Setup, state: state_lib.TrainState, eval_input, *, hard: bool = 
 
 def _inputs(config: ml_collections.ConfigDict, task: Task):
   kw = dict(seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
-  train = task.make_input(config, split=config.data.train_split, train=True,
+  train = task.make_input(config, split=config.train_split, train=True,
                           global_batch_size=config.batch_size, **kw)
-  evals = task.make_input(config, split=config.data.eval_split, train=False,
+  evals = task.make_input(config, split=config.eval_split, train=False,
                           global_batch_size=config.get('eval_batch_size') or config.batch_size, **kw)
   return train, evals
 
@@ -247,6 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ev = evaluate(s, state, eval_input, eval_step=eval_step)
         writer.write(step, {f'eval/{k}': v for k, v in ev.items() if k != 'count'})
         logging.info('eval at step %d: %s', step, reporting.format_metrics(ev))
+        progress.pause(step)
       stop = preempted.is_set(step)
       ckpt.save(step, state, train_iter.get_state(), meta, force=stop or step == s.total_steps)
       if stop:

@@ -9,6 +9,7 @@ W~ (plus lambda (1 - m) W for SR-STE, times m0 for one-shot); for MDGF
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 import runpy
@@ -25,6 +26,8 @@ from nmsparse import flax_adapters as fa
 from nmsparse.rules import NMSpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# XLA's backend optimizations double the compile time of these tiny models and do not matter here.
+jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 TOTAL = 20
 EMBED, HEADS, HIDDEN = 16, 2, 32
 
@@ -67,7 +70,8 @@ class NNXModel(nnx.Module):
     self.fc2 = nnx.Linear(HIDDEN, 6, rngs=rngs)
 
   def __call__(self, x):
-    x = self.bn(x + self.attn(self.embed(x)))
+    h = self.embed(x)
+    x = self.bn(h + self.attn(h))
     return self.fc2(nnx.gelu(self.fc1(x)))
 
 
@@ -151,8 +155,11 @@ def on_sparse(fn, expected, tree, *others):
   return jax.tree_util.tree_map_with_path(leaf, tree, *others)
 
 
+_nm_mask = jax.jit(nmsparse.nm_mask, static_argnums=(1, 2, 3))
+
+
 def ref_masks(expected, params):
-  return on_sparse(lambda s, w: nmsparse.nm_mask(w, s[0], s[1], s[2]), expected, params)
+  return on_sparse(lambda s, w: _nm_mask(w, s[0], s[1], s[2]), expected, params)
 
 
 def group_counts(w, n, m, axes):
@@ -163,22 +170,26 @@ def group_counts(w, n, m, axes):
   return (w.reshape(w.shape[:len(rest)] + (-1, m)) != 0).sum(-1)
 
 
-def reference(recipe, loss_fn, expected, params, masks):
-  """Loss and gradient of the recipe from SPEC.md §2, derived in this file."""
+def reference(recipe, plain_vg, expected, params, masks):
+  """Loss, output and gradient of the recipe from SPEC.md §2, derived in this file.
+
+  ``plain_vg(p) -> ((loss, out), dL/dp)`` is the plain model (no nmsparse). The
+  chain rule splits the gradient: the model's part at W~, then the elementwise map.
+  """
   fl = lambda m, w: m.astype(w.dtype)
-  if recipe == 'mdgf_decay_scaled':
-    eff = lambda p: on_sparse(lambda s, w, m: (fl(m, w) + (1 - fl(m, w)) * A_MDGF) * w, expected, p, masks)
-    return jax.value_and_grad(lambda p: loss_fn(eff(p)))(params)
-  if recipe == 'mdgf_straight_through':
-    w_eff = on_sparse(lambda s, w, m: (fl(m, w) + (1 - fl(m, w)) * A_MDGF) * w, expected, params, masks)
+  if recipe.startswith('mdgf'):
+    to_eff = lambda p: on_sparse(lambda s, w, m: (fl(m, w) + (1 - fl(m, w)) * A_MDGF) * w, expected, p, masks)
   else:
-    w_eff = on_sparse(lambda s, w, m: fl(m, w) * w, expected, params, masks)
-  loss, g = jax.value_and_grad(loss_fn)(w_eff)  # g = dL/dW~ at W~.
+    to_eff = lambda p: on_sparse(lambda s, w, m: fl(m, w) * w, expected, p, masks)
+  w_eff, vjp = jax.vjp(to_eff, params)
+  (loss, out), g = plain_vg(w_eff)  # g = dL/dW~ at W~.
+  if recipe == 'mdgf_decay_scaled':  # Plain autodiff of (m + (1 - m) a) W, m held constant.
+    return loss, out, vjp(g)[0]
   if recipe == 'srste':
     g = on_sparse(lambda s, g_, w, m: g_ + LAMBDA * (1 - fl(m, w)) * w, expected, g, params, masks)
   if recipe == 'oneshot':
     g = on_sparse(lambda s, g_, m: fl(m, g_) * g_, expected, g, masks)
-  return loss, g
+  return loss, out, g
 
 
 def assert_trees_equal(a, b):
@@ -192,40 +203,56 @@ def mse(out, y):
   return jnp.mean((out - y) ** 2)
 
 
+def random_like(tree, seed, scale=0.3):
+  """Random params from NumPy: no compilation for init."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(scale * rng.standard_normal(s.shape), s.dtype), tree)
+
+
 # ----------------------------------------------------------------------------- cases: one per adapter
 
-X = jax.random.normal(jax.random.key(0), (2, 4, 8))
-Y_LINEN = jax.random.normal(jax.random.key(1), (2, 4, 2, 3))
-Y_NNX = jax.random.normal(jax.random.key(1), (2, 4, 6))
+X = np.random.default_rng(0).standard_normal((2, 4, 8)).astype(np.float32)
+Y = {'linen': np.random.default_rng(1).standard_normal((2, 4, 2, 3)).astype(np.float32),
+     'nnx': np.random.default_rng(1).standard_normal((2, 4, 6)).astype(np.float32)}
+
+
+@functools.cache
+def plain_model(family: str):
+  """(params, plain forward, jitted ``p -> ((loss, out), grad)`` of the plain model); shared by tests."""
+  if family == 'nnx':
+    graphdef, params, rest = nnx.split(NNXModel(nnx.Rngs(0)), nnx.Param, ...)
+    forward = lambda p: nnx.merge(graphdef, p, rest, copy=True)(X)
+  else:
+    model = TinyModel()
+    params = random_like(jax.eval_shape(model.init, jax.random.key(0), X)['params'], seed=2)
+    forward = lambda p: model.apply({'params': p}, X)
+  loss = lambda p: (mse(forward(p), Y[family]), forward(p))
+  return params, forward, jit(jax.value_and_grad(loss, has_aux=True))
 
 
 class Case:
-  """An adapter under test: params, the plain model's loss, and the loss through the adapter."""
+  """An adapter under test: ``sparse(params, state, step)`` is the model's output through the adapter."""
 
   def __init__(self, kind: str, recipe: str):
     self.kind, self.recipe = kind, recipe
+    family = 'nnx' if kind == 'nnx' else 'linen'
+    self.y = Y[family]
+    self.params, self.plain, self.plain_vg = plain_model(family)
     if kind == 'nnx':
       model = NNXModel(nnx.Rngs(0))
-      self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+      graphdef, _, rest = nnx.split(model, nnx.Param, ...)
       self.sp = fa.nnx_sparsifier(config(recipe), NNX_RULES, model, TOTAL, log=False)
       self.expected = NNX_EXPECTED
-      apply = fa.nnx_apply_fn(self.graphdef, self.sp)
-      self.plain = lambda p: nnx.merge(self.graphdef, p, self.rest, copy=True)(X)
-      self.sparse = lambda p, st, step: apply(p, self.rest, st, step, X)[0]
-      self.y = Y_NNX
+      apply = fa.nnx_apply_fn(graphdef, self.sp)
+      self.sparse = lambda p, st, step: apply(p, rest, st, step, X)[0]
       return
-    model = TinyModel()
-    self.params = model.init(jax.random.key(2), X)['params']
     self.sp = nmsparse.make_sparsifier(config(recipe), LINEN_RULES, self.params, TOTAL, log=False)
     self.expected = LINEN_EXPECTED
-    self.plain = lambda p: model.apply({'params': p}, X)
-    self.y = Y_LINEN
     if kind == 'linen_tree':
-      apply = fa.sparse_apply_fn(model.apply, self.sp)
+      apply = fa.sparse_apply_fn(TinyModel().apply, self.sp)
       self.sparse = lambda p, st, step: apply({'params': p}, st, step, X)
     else:
-      smodel = fa.sparsify_module(model, self.sp)
-      assert_trees_equal(smodel.init(jax.random.key(2), X)['params'], self.params)
+      smodel = fa.sparsify_module(TinyModel(), self.sp)
       self.sparse = lambda p, st, step: smodel.apply({'params': p}, X, nm_state=st, nm_step=step)
 
   def state_and_params(self):
@@ -233,13 +260,11 @@ class Case:
     sp, p0 = self.sp, self.params
     step = RECIPES[self.recipe][1]
     if self.recipe != 'oneshot':
-      st = sp.update(p0, sp.init(p0), step)
-      return st, p0, step, ref_masks(self.expected, p0)
-    st = sp.update(p0, sp.init(p0), 2)  # The one mask: the weights at the first sparse step.
-    noise = jax.tree.map(lambda w: jax.random.normal(jax.random.key(3), w.shape, w.dtype), p0)
-    p1 = jax.tree.map(lambda w, e: w + 0.5 * e, p0, noise)  # Trained on: the current mask differs.
-    st = sp.update(p1, st, step)
-    return st, p1, step, ref_masks(self.expected, p0)
+      return sp.update(p0, sp.init(p0), step), p0, step, ref_masks(self.expected, p0)
+    update = jax.jit(sp.update)
+    st = update(p0, jax.jit(sp.init)(p0), 2)  # The one mask: the weights at the first sparse step.
+    p1 = jax.tree.map(lambda w, e: w + e, p0, random_like(p0, seed=3))  # Trained on: masks differ.
+    return update(p1, st, step), p1, step, ref_masks(self.expected, p0)
 
 
 ADAPTERS = ('linen_tree', 'linen_module', 'nnx')
@@ -247,42 +272,40 @@ ADAPTERS = ('linen_tree', 'linen_module', 'nnx')
 
 @pytest.mark.parametrize('recipe', list(RECIPES))
 @pytest.mark.parametrize('kind', ADAPTERS)
-def test_loss_and_grads_match_reference(kind, recipe):
+def test_adapter_matches_reference(kind, recipe):
+  """Loss and gradients equal the reference exactly; for hard recipes pruned weights never reach the forward."""
   case = Case(kind, recipe)
   st, params, step, masks = case.state_and_params()
   if recipe == 'oneshot':  # The stored mask is the old one, not the mask of the current weights.
     current = ref_masks(case.expected, params)
     assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(masks), jax.tree.leaves(current)))
-  got = jax.jit(jax.value_and_grad(lambda p: mse(case.sparse(p, st, step), case.y)))(params)
-  want = jax.jit(lambda p: reference(recipe, lambda q: mse(case.plain(q), case.y), case.expected, p, masks))(params)
-  np.testing.assert_array_equal(got[0], want[0])
-  assert_trees_equal(got[1], want[1])
-
-
-@pytest.mark.parametrize('recipe', ['ste', 'srste', 'oneshot'])
-@pytest.mark.parametrize('kind', ADAPTERS)
-def test_pruned_weights_never_reach_the_forward(kind, recipe):
-  """Pruned weights changed (shrunk for STE, huge sentinels for one-shot's frozen mask): output unchanged."""
-  case = Case(kind, recipe)
-  st, params, step, masks = case.state_and_params()
+  sparse_vg = jit(jax.value_and_grad(
+      lambda p: (mse(out := case.sparse(p, st, step), case.y), out), has_aux=True))
+  (loss, out), grads = sparse_vg(params)
+  want_loss, want_out, want_grads = reference(recipe, case.plain_vg, case.expected, params, masks)
+  np.testing.assert_array_equal(loss, want_loss)
+  np.testing.assert_array_equal(out, want_out)
+  assert_trees_equal(grads, want_grads)
+  if recipe.startswith('mdgf'):  # MDGF lets a(t) W through by design.
+    return
+  # Pruned weights changed (shrunk, so an STE mask stays; huge sentinels for one-shot's frozen mask).
   if recipe == 'oneshot':
-    perturb = lambda s, w, m: jnp.where(m, w, 1e4 * jnp.sign(w))
-  else:  # |u w| < |w| keeps the recomputed mask the same.
-    perturb = lambda s, w, m: jnp.where(m, w, w * jax.random.uniform(jax.random.key(4), w.shape, w.dtype, -0.9, 0.9))
-  poisoned = on_sparse(perturb, case.expected, params, masks)
-  hard = on_sparse(lambda s, w, m: jnp.where(m, w, 0), case.expected, params, masks)
-  out = jax.jit(case.sparse)(poisoned, st, step)
-  assert np.all(np.isfinite(out))
-  np.testing.assert_array_equal(out, jax.jit(case.plain)(hard))
-  np.testing.assert_array_equal(out, jax.jit(case.sparse)(params, st, step))
+    poison = lambda s, w, m: jnp.where(m, w, 1e4 * jnp.sign(w))
+  else:
+    poison = lambda s, w, m: jnp.where(m, w, w * jnp.asarray(
+        np.random.default_rng(4).uniform(-0.9, 0.9, w.shape), w.dtype))
+  (_, poisoned_out), _ = sparse_vg(on_sparse(poison, case.expected, params, masks))
+  assert np.all(np.isfinite(poisoned_out))
+  np.testing.assert_array_equal(poisoned_out, want_out)  # = the plain model on m * W.
 
 
-@pytest.mark.parametrize('kind', ADAPTERS)
+@pytest.mark.parametrize('kind', ['linen_tree', 'nnx'])
 def test_each_layer_keeps_its_own_nm(kind):
   """Every kernel (scanned ones per layer, with negative axes) has exactly its own N per group of M."""
   case = Case(kind, 'ste')
   st, params, step, _ = case.state_and_params()
-  eff = case.sp.apply(params, st, step)
+  eff = jit(case.sp.apply)(params, st, step)
+  dense = {name_of(p): w for p, w in jax.tree_util.tree_leaves_with_path(params)}
   seen = {}
   for path, w in jax.tree_util.tree_leaves_with_path(eff):
     name = name_of(path)
@@ -293,45 +316,51 @@ def test_each_layer_keeps_its_own_nm(kind):
       assert counts.size == w.size // m and np.all(counts == n), (name, np.unique(counts))
       seen[name] = (n, m)
     else:
-      assert np.count_nonzero(np.asarray(w) == 0) == 0, f'{name} should stay dense'
+      np.testing.assert_array_equal(w, dense[name], err_msg=f'{name} should stay dense')
   assert set(seen) == set(case.expected)
   assert len(set(seen.values())) >= 4  # Different layers, different N:M.
 
 
 def test_linen_module_layers_read_sparse_kernels():
-  """What each (unscanned) Dense / DenseGeneral reads inside ``sparsify_module`` is the masked kernel."""
+  """What each unscanned Dense / DenseGeneral reads inside ``sparsify_module`` is the masked kernel."""
   case = Case('linen_module', 'ste')
   st, params, step, masks = case.state_and_params()
   smodel = fa.sparsify_module(TinyModel(), case.sp)
-  seen = {}
 
-  def spy(next_fun, args, kwargs, context):
-    if isinstance(context.module, (nn.Dense, nn.DenseGeneral)) and context.method_name == '__call__':
-      kernel = context.module.variables['params']['kernel']
-      if not isinstance(kernel, jax.core.Tracer):  # Scanned layers are seen as tracers: skipped here.
-        seen['/'.join(context.module.path) + '/kernel'] = kernel
-    return next_fun(*args, **kwargs)
+  @jit
+  def kernels_read(params):
+    seen = {}
 
-  with nn.intercept_methods(spy):
-    smodel.apply({'params': params}, X, nm_state=st, nm_step=step)
+    def spy(next_fun, args, kwargs, context):
+      module = context.module
+      if (isinstance(module, (nn.Dense, nn.DenseGeneral)) and context.method_name == '__call__'
+          and module.path[0] != 'stack'):  # Inside nn.scan the kernels are scan-body tracers.
+        seen['/'.join(module.path) + '/kernel'] = module.variables['params']['kernel']
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(spy):
+      smodel.apply({'params': params}, X, nm_state=st, nm_step=step)
+    return seen
+
+  seen = kernels_read(params)
   flat = {name_of(p): (w, m) for (p, w), (_, m) in zip(jax.tree_util.tree_leaves_with_path(params),
                                                         jax.tree_util.tree_leaves_with_path(masks))}
-  sparse_seen = [k for k in seen if k in LINEN_EXPECTED]
-  assert len(sparse_seen) == 7 and 'embed/kernel' in seen
+  assert len([k for k in seen if k in LINEN_EXPECTED]) == 7 and 'embed/kernel' in seen
   for name, kernel in seen.items():
     w, m = flat[name]
-    want = jnp.where(m, w, 0) if name in LINEN_EXPECTED else w
-    np.testing.assert_array_equal(kernel, want, err_msg=name)
+    np.testing.assert_array_equal(kernel, jnp.where(m, w, 0) if name in LINEN_EXPECTED else w, err_msg=name)
 
 
 def test_linen_module_api():
   case = Case('linen_module', 'mdgf_decay_scaled')
   st, params, step, _ = case.state_and_params()
-  want = case.sparse(params, st, step)
   from_class = fa.sparsify_module(TinyModel, case.sp)()
-  np.testing.assert_array_equal(from_class.apply({'params': params}, X, nm_state=st, nm_step=step), want)
+  assert jax.tree.structure(jax.eval_shape(from_class.init, jax.random.key(0), X)['params']) == \
+      jax.tree.structure(params)  # init works and gives the plain model's params tree.
+  apply = jit(lambda p: from_class.apply({'params': p}, X, nm_state=st, nm_step=step))
+  np.testing.assert_array_equal(apply(params), jit(case.sparse)(params, st, step))
   with pytest.raises(ValueError, match='nm_step'):
-    from_class.apply({'params': params}, X)
+    jax.eval_shape(lambda p: from_class.apply({'params': p}, X), params)
   with pytest.raises(TypeError):
     fa.sparsify_module(lambda x: x, case.sp)
 
@@ -392,13 +421,13 @@ def test_nnx_train_step_and_nnx_call():
   apply = fa.nnx_apply_fn(graphdef, sp)
   tx = optax.chain(sp.scale_by_adam(), optax.scale(-1e-2))
 
-  @jax.jit
+  @jit
   def train_step(params, rest, opt_state, sparsity, step):
     sparsity = sp.update(params, sparsity, step)
 
     def loss_fn(p):
       out, new_rest = apply(p, rest, sparsity, step, X)
-      return mse(out, Y_NNX), new_rest
+      return mse(out, Y['nnx']), new_rest
 
     (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
@@ -409,7 +438,7 @@ def test_nnx_train_step_and_nnx_call():
 
   @nnx.jit
   def via_call(model):
-    return nnx.value_and_grad(lambda m: mse(fa.nnx_call(m, sp, sparsity, 6, X), Y_NNX))(model)
+    return nnx.value_and_grad(lambda m: mse(fa.nnx_call(m, sp, sparsity, 6, X), Y['nnx']))(model)
 
   loss, grads = via_call(model)
   np.testing.assert_array_equal(loss, first[4])

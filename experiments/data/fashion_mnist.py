@@ -28,7 +28,8 @@ FILES = {
 }
 HOW_TO_GET = (
     'Install the idx files with `apt-get install -y dataset-fashion-mnist` (as root; they land in '
-    f'{DEFAULT_SOURCE_DIR}), or `apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb DIR` '
+    f'{DEFAULT_SOURCE_DIR}), or `apt-get download dataset-fashion-mnist && '
+    'dpkg -x dataset-fashion-mnist_*.deb DIR` '
     'and pass --source_dir=DIR/usr/share/datasets/fashion-mnist; then run '
     '`python -m experiments.data.prepare --dataset=fashion_mnist --data_dir=DATA_DIR`.')
 
@@ -39,18 +40,14 @@ def source_path(source_dir: str | os.PathLike, stem: str) -> str:
     path = os.path.join(source_dir, name)
     if os.path.isfile(path):
       return path
-  raise FileNotFoundError(f'Fashion-MNIST source file {stem}[.gz] not found in {source_dir}. {HOW_TO_GET}')
+  raise FileNotFoundError(f'Fashion-MNIST idx file {stem}[.gz] not found in {source_dir}. {HOW_TO_GET}')
 
 
-def has_source(source_dir: str | os.PathLike) -> bool:
-  """Whether ``source_dir`` holds all four idx files."""
-  try:
-    for stems in FILES.values():
-      for stem in stems:
-        source_path(source_dir, stem)
-  except FileNotFoundError:
-    return False
-  return True
+def missing_files(source_dir: str | os.PathLike) -> list[str]:
+  """The idx files (of the four) that ``source_dir`` lacks."""
+  stems = [stem for pair in FILES.values() for stem in pair]
+  return [stem + '[.gz]' for stem in stems
+          if not any(os.path.isfile(os.path.join(source_dir, stem + ext)) for ext in ('.gz', ''))]
 
 
 def load_split(source_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -58,13 +55,15 @@ def load_split(source_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, n
   image_file, label_file = (source_path(source_dir, stem) for stem in FILES[split])
   images, labels = idx.read_idx(image_file), idx.read_idx(label_file)
   if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-    raise idx.IdxFormatError(f'{image_file}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}.')
+    raise idx.IdxFormatError(
+        f'{image_file}: expected uint8 images of shape (N, 28, 28), got {images.dtype} {images.shape}.')
   if labels.dtype != np.uint8 or labels.shape != images.shape[:1]:
     raise idx.IdxFormatError(
         f'{label_file}: expected uint8 labels of shape ({images.shape[0]},) to match {image_file}, '
         f'got {labels.dtype} {labels.shape}.')
   if labels.size and labels.max() >= len(CLASS_NAMES):
-    raise idx.IdxFormatError(f'{label_file}: label {labels.max()} is not a class in 0..{len(CLASS_NAMES) - 1}.')
+    raise idx.IdxFormatError(
+        f'{label_file}: label {labels.max()} is not a class in 0..{len(CLASS_NAMES) - 1}.')
   return images[..., None], labels
 
 
@@ -84,7 +83,8 @@ class NmFashionMnist(tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         description='Fashion-MNIST: 28x28 grey images of 10 kinds of clothing.',
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
+            # Raw bytes: 10x faster to write than an int64 list, and read back by numpy alone.
+            'image': tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8, encoding='bytes'),
             'label': tfds.features.ClassLabel(names=CLASS_NAMES),
         }),
         supervised_keys=('image', 'label'),
@@ -102,13 +102,18 @@ class NmFashionMnist(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': image, 'label': int(label)}
 
 
-def prepare(data_dir: str | os.PathLike | None, source_dir: str | os.PathLike = DEFAULT_SOURCE_DIR) -> NmFashionMnist:
-  """Builds ``nm_fashion_mnist`` into ``data_dir`` unless it is there already (about 5 s)."""
+def prepare(data_dir: str | os.PathLike | None,
+            source_dir: str | os.PathLike = DEFAULT_SOURCE_DIR) -> NmFashionMnist:
+  """Builds ``nm_fashion_mnist`` into ``data_dir`` unless it is there already (5-15 s).
+
+  Builds into one ``data_dir`` must not run at once (run this before a multi-host job).
+  """
   builder = NmFashionMnist(data_dir=data_dir, source_dir=source_dir)
   if builder.is_prepared():
     return builder
-  if not has_source(source_dir):
-    raise FileNotFoundError(f'Fashion-MNIST idx files not found in {source_dir}. {HOW_TO_GET}')
+  missing = missing_files(source_dir)
+  if missing:
+    raise FileNotFoundError(f'Fashion-MNIST idx files {missing} not found in {source_dir}. {HOW_TO_GET}')
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       try_download_gcs=False,  # No network; and never look for a hosted copy.
       compute_stats=tfds.download.ComputeStatsMode.SKIP,

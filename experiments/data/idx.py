@@ -38,7 +38,8 @@ def parse_idx(data: bytes, *, name: str = '<bytes>') -> np.ndarray:
         'Is this an idx file (gunzipped if it was .gz)?')
   header = 4 + 4 * ndim
   if len(data) < header:
-    raise IdxFormatError(f'{name}: truncated header: {ndim} dimensions need {header} bytes, file has {len(data)}.')
+    raise IdxFormatError(
+        f'{name}: truncated header: {ndim} dimensions need {header} bytes, file has {len(data)}.')
   shape = tuple(int(s) for s in np.frombuffer(data, dtype='>u4', count=ndim, offset=4))
   dtype = DTYPES[code]
   expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

@@ -26,7 +26,7 @@ def make_input(config, *, split, train, global_batch_size, seed, process_index=0
 
 
 def dummy_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict:
-  s, c = config.data.image_size, config.data.channels
+  s, c = config.data.image_size, config.model.channels
   return {'image': np.zeros((batch_size, s, s, c), np.float32),
           'label': np.zeros((batch_size,), np.int32)}
 
@@ -39,9 +39,8 @@ def loss_fn(model, params, batch, rng, train: bool, config: ml_collections.Confi
   """Mean cross-entropy over the (masked) batch; sums of loss and correct predictions for metrics."""
   logits = model.apply({'params': params}, batch['image'], train=train, rngs={'dropout': rng})
   logits = logits.astype(jnp.float32)
-  label = batch['label']
   num_classes = logits.shape[-1]
-  target = label if label.ndim == 2 else jax.nn.one_hot(label, num_classes)
+  target = batch['soft_label'] if 'soft_label' in batch else jax.nn.one_hot(batch['label'], num_classes)
   if config.loss == 'sigmoid_xent':
     per_ex = optax.sigmoid_binary_cross_entropy(logits, target).sum(-1)
   elif config.loss == 'softmax_xent':

@@ -1,0 +1,56 @@
+r"""A small ViT on Fashion-MNIST (offline, from the Debian package): the default experiment.
+
+    python -m experiments.main --config=configs/vit_fashion_mnist.py --workdir=workdirs/vit_fmnist
+
+Arguments (``--config=configs/vit_fashion_mnist.py:recipe=srste,nm=1:16``):
+  variant   ViT variant (default ``mu/7``: width 64, depth 4, 4 heads, MLP 256, patch 7)
+  recipe    nmsparse recipe (dense, oneshot, hard, ste, srste, mdgf, sdgf, mdgf_sdgf, step)
+  nm        N:M pattern (default ``1:8``); layers: mlp | mlp_qkv | all
+  decay     MDGF decay: exponential | linear | cosine | stepwise
+  structure SDGF schedule: stepwise | geometric | densify
+  epochs    training length; runlocal: a few steps of a tiny model (smoke test)
+
+Hardware: 2 CPU cores. Expected: see README results table (wall time and accuracy
+of the default command, measured).
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  a = common.parse_arg(arg, variant='mu/7', recipe='mdgf', nm='1:8', layers='mlp', decay='exponential',
+                       structure='stepwise', epochs=5.0, seed=0, runlocal=False)
+  c = ml_collections.ConfigDict()
+  c.task = 'classification'
+  c.model = ml_collections.ConfigDict(dict(name='vit', variant=a.variant, num_classes=10, channels=1,
+                                           kwargs=dict(pool_type='gap', posemb='learn')))
+  c.data = ml_collections.ConfigDict(dict(name='nm_fashion_mnist', image_size=28))
+  c.train_split, c.eval_split = 'train', 'test'
+  c.loss = 'softmax_xent'
+  c.batch_size = 128
+  c.eval_batch_size = 1000
+  common.run_defaults(c)
+  c.seed = a.seed
+  c.total_epochs = a.epochs
+  # Dense warm-up 10 %, the recipe, then a 10 % fine-tune at the final N:M.
+  # Exponential rate: a(t) reaches 1e-3 at about 70 % of the sparse phase of the default run.
+  c.sparsity = common.sparsity(a.recipe, a.nm, a.layers, dense_frac=0.1, finetune_frac=0.1,
+                               **{'decay.kind': a.decay, 'decay.rate': 2e-3, 'structure.kind': a.structure})
+  c.optimizer = common.optimizer(1e-3, wd=1e-4, clip=1.0, warmup_epochs=0.5)
+  c.log_every_steps = 100
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 500
+  c.diagnostics_every_steps = 100
+  if a.runlocal:
+    c.model.variant = 'mu/14'
+    c.total_epochs = None
+    c.total_steps = 20
+    c.batch_size = 32
+    c.eval_batch_size = 500
+    c.log_every_steps = c.diagnostics_every_steps = 5
+    c.eval_every_steps = c.checkpoint_every_steps = 10
+    c.optimizer.warmup_epochs = None
+    c.optimizer.warmup_steps = 2
+  return c

@@ -1,0 +1,89 @@
+"""Evaluate the newest checkpoint with the masks and decay of its own step, and export it N:M-compressed.
+
+    python -m experiments.main --mode=evaluate --config=<same config> --workdir=<run dir>
+
+Writes ``export/model_nm.npz`` (kept values + packed in-group indices for every
+sparsified kernel, dense leaves as they are), ``export/size_report.json`` and
+``eval_metrics.json`` into the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+import nmsparse
+from experiments import checkpoints
+from experiments import train as train_lib
+from experiments.tasks import get_task
+
+
+def evaluate_and_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Restores the newest good checkpoint of ``workdir``, evaluates it and exports the hard N:M model."""
+  task = get_task(config.task)
+  _, eval_input = train_lib._inputs(config, task)  # pylint: disable=protected-access
+  train_input = None
+  try:
+    train_input = task.make_input(config, split=config.train_split, train=True,
+                                  global_batch_size=config.batch_size, seed=config.seed)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  steps_per_epoch = train_input.steps_per_epoch if train_input is not None else 1
+  s = train_lib.setup(config, steps_per_epoch=steps_per_epoch)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), every=1)
+  abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                          s.abstract_state, s.shardings)
+  restored = ckpt.restore_latest(abstract, {'sparsity': train_lib.sparsity_meta(config)})
+  ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train first with --mode=train.')
+  state = restored[0]
+  metrics = train_lib.final_evaluation(s, state, eval_input)
+  hard = jax.device_get(jax.jit(s.sp.hard_params)(state.params, state.sparsity, state.step,
+                                                  state.opt_state))
+  specs = s.sp.specs
+  report = nmsparse.validate(hard, specs)
+  del report
+  compressed = nmsparse.compress(hard, specs)
+  size = nmsparse.size_report(hard, specs)
+  out_dir = os.path.join(workdir, 'export')
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    _save_npz(os.path.join(out_dir, 'model_nm.npz'), compressed)
+    with open(os.path.join(out_dir, 'size_report.json'), 'w') as f:
+      json.dump(_jsonable(size), f, indent=2, sort_keys=True)
+    with open(os.path.join(workdir, 'eval_metrics.json'), 'w') as f:
+      json.dump(metrics, f, indent=2, sort_keys=True)
+  metrics['compressed_ratio'] = float(size['ratio'])
+  logging.info('evaluated step %d: %s; export %s', int(metrics['step']), metrics, out_dir)
+  return metrics
+
+
+def _save_npz(path: str, compressed) -> None:
+  arrays = {}
+  for key, leaf in nmsparse.rules.named_leaves(compressed):
+    if isinstance(leaf, nmsparse.CompressedKernel):
+      arrays[f'{key}.values'] = np.asarray(leaf.values)
+      arrays[f'{key}.indices'] = np.asarray(leaf.indices)
+      arrays[f'{key}.meta'] = np.frombuffer(json.dumps(dict(
+          shape=list(leaf.shape), dtype=str(leaf.dtype), n=leaf.n, m=leaf.m, axes=list(leaf.axes),
+          encoding=leaf.encoding, groups_per_word=leaf.groups_per_word,
+          bits_per_word=leaf.bits_per_word)).encode(), np.uint8)
+    else:
+      arrays[key] = np.asarray(leaf)
+  np.savez(path, **arrays)
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.generic, np.ndarray)):
+    return x.tolist()
+  return x
