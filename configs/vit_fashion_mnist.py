@@ -17,6 +17,7 @@ of the default command, measured).
 import ml_collections
 
 from configs import common
+from experiments.data import pipeline
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -26,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = 'classification'
   c.model = ml_collections.ConfigDict(dict(name='vit', variant=a.variant, num_classes=10, channels=1,
                                            kwargs=dict(pool_type='gap', posemb='learn')))
-  c.data = ml_collections.ConfigDict(dict(name='nm_fashion_mnist', image_size=28))
+  c.data = pipeline.default_config(name='nm_fashion_mnist', image_size=28)
   c.train_split, c.eval_split = 'train', 'test'
   c.loss = 'softmax_xent'
   c.batch_size = 128

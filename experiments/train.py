@@ -187,6 +187,7 @@ def _inputs(config: ml_collections.ConfigDict, task: Task):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains (resuming from ``workdir`` if it holds checkpoints), evaluates, returns final metrics."""
+  preempted = checkpoints.PreemptionFlag()  # First: a SIGTERM during set-up still saves cleanly.
   os.makedirs(workdir, exist_ok=True)
   task = get_task(config.task)
   train_input, eval_input = _inputs(config, task)
@@ -218,7 +219,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_step = make_eval_step(s)
   writer = reporting.MetricWriter(workdir)
   progress = reporting.Progress(start, s.total_steps)
-  preempted = checkpoints.PreemptionFlag()
   sharding = state_lib.batch_sharding(s.mesh)
   block_every_step = jax.device_count() > 2 and jax.devices()[0].platform == 'cpu'
   last_finite = start

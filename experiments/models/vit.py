@@ -1,4 +1,4 @@
-"""Vision Transformer (ViT) in Flax Linen, laid out like big_vision's so its checkpoints map onto it.
+"""Vision Transformer (ViT) in Flax Linen with big_vision's parameter tree, so its checkpoints load.
 
 Parameter tree (``scan=False``; with ``scan=True`` the blocks become one
 ``Transformer/encoderblock`` whose leaves carry a leading ``depth`` axis)::
@@ -121,7 +121,7 @@ class Encoder1DBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """``depth`` blocks (``encoderblock_{i}``, or one scanned ``encoderblock``) and a final LayerNorm."""
+  """``depth`` blocks (``encoderblock_{i}``, or one scanned ``encoderblock``), then LayerNorm."""
 
   depth: int
   mlp_dim: int
@@ -211,7 +211,8 @@ class ViT(nn.Module):
       x = x + pe
     if use_cls:
       cls = self.param('cls', nn.initializers.zeros, (1, 1, self.width), self.param_dtype)
-      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], 1)
+      cls = jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width))
+      x = jnp.concatenate([cls, x], axis=1)
     if self.cls_posemb:
       x = x + pe
     x = nn.Dropout(self.dropout)(x, not train)

@@ -16,7 +16,11 @@ from experiments.tasks import Task
 def build_model(config: ml_collections.ConfigDict):
   m = config.model
   if m.name == 'vit':
-    return models.make_vit(m.variant, m.num_classes, **dict(m.get('kwargs', {}) or {}))
+    kwargs = dict(m.get('kwargs', {}) or {})
+    for key in ('dtype', 'param_dtype'):
+      if isinstance(kwargs.get(key), str):
+        kwargs[key] = jnp.dtype(kwargs[key])
+    return models.make_vit(m.variant, m.num_classes, **kwargs)
   raise ValueError(f'Unknown model.name {m.name!r} for classification; known: vit.')
 
 

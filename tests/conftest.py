@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny synthetic Fashion-MNIST-shaped source (idx files) that the tests write themselves."""
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Subprocess runs of the same tiny configs share compiled programs through JAX's persistent cache.
+COMPILE_CACHE = os.path.join(tempfile.gettempdir(), f'nmsparse-test-jax-cache-{os.getuid()}')
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+  """The idx format: magic (0, 0, 0x08 = uint8, ndim), big-endian uint32 sizes, then the data."""
+  return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape) + array.tobytes()
+
+
+def write_fmnist_source(folder, num_train: int = 256, num_test: int = 64, seed: int = 0) -> str:
+  """Learnable synthetic 28x28 images: class k lights up a horizontal band at rows 2k..2k+5."""
+  rng = np.random.default_rng(seed)
+  os.makedirs(folder, exist_ok=True)
+  for prefix, n in (('train', num_train), ('t10k', num_test)):
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+    for i, k in enumerate(labels):
+      images[i, 2 * k:2 * k + 6, :] += 150
+    for kind, arr in (('images-idx3', images), ('labels-idx1', labels)):
+      with open(os.path.join(folder, f'{prefix}-{kind}-ubyte.gz'), 'wb') as f:
+        f.write(gzip.compress(idx_bytes(arr)))
+  return str(folder)
+
+
+@pytest.fixture(scope='session')
+def fmnist_source(tmp_path_factory) -> str:
+  return write_fmnist_source(tmp_path_factory.mktemp('fmnist_source'))
+
+
+def run_main(args, *, env=None, timeout=600, check=True) -> subprocess.CompletedProcess:
+  """Runs ``python -m experiments.main ARGS`` from the repo root and returns the finished process."""
+  full_env = dict(os.environ, PYTHONUNBUFFERED='1', JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
+                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', **(env or {}))
+  out = subprocess.run([sys.executable, '-m', 'experiments.main', *args], cwd=ROOT, env=full_env,
+                       capture_output=True, text=True, timeout=timeout)
+  if check and out.returncode != 0:
+    raise AssertionError(f'experiments.main {args} failed ({out.returncode}):\n{out.stderr[-5000:]}')
+  return out
