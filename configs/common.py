@@ -41,6 +41,8 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 def sparsity(recipe: str, nm: str, layers: str, **recipe_overrides: Any) -> ml_collections.ConfigDict:
   """The ``config.sparsity`` block: a recipe, the N:M pattern and the layer preset."""
   nmsparse.parse_nm(nm)
+  if recipe == 'step':  # STEP's dense phase ends at its AutoSwitch, no earlier than t_min.
+    recipe_overrides['step.t_min'] = recipe_overrides.pop('dense_frac', 0.1) or 0.1
   return ml_collections.ConfigDict(dict(
       recipe=nmsparse.recipe_config(recipe, **recipe_overrides),
       nm=nm,

@@ -1,0 +1,61 @@
+"""Every config builds its model and lowers its train step on CPU with abstract shapes.
+
+No data and no accelerator are needed, so a broken pod config fails here, not on the pod.
+"""
+
+import glob
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from experiments import train as train_lib
+
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
+CONFIG_FILES = [f for f in CONFIG_FILES if not os.path.basename(f).startswith(('_', 'common'))]
+
+# (file, argument string): every config with its default argument, plus the other recipes.
+CASES = [(os.path.basename(f), '') for f in CONFIG_FILES] + [
+    ('vit_fashion_mnist.py', 'recipe=step'),
+    ('vit_fashion_mnist.py', 'recipe=mdgf_sdgf,nm=1:16,layers=mlp_qkv'),
+    ('vit_imagenet.py', 'recipe=srste,nm=2:4,layers=mlp_qkv'),
+]
+
+
+def load(name: str, arg: str):
+  spec = importlib.util.spec_from_file_location(name[:-3], os.path.join(ROOT, 'configs', name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def test_every_config_file_is_covered():
+  assert {os.path.basename(f) for f in CONFIG_FILES} <= {c for c, _ in CASES}
+
+
+@pytest.mark.parametrize('name,arg', CASES)
+def test_config_lowers_with_abstract_shapes(name, arg):
+  config = load(name, arg)
+  assert config.is_locked or True  # ConfigDicts lock when loaded by the flag (lock_config=True).
+  s = train_lib.setup(config, steps_per_epoch=1000, devices=jax.devices()[:1])
+  assert s.total_steps > 0
+  batch = s.task.dummy_batch(config, config.batch_size)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  step = train_lib.make_train_step(s)
+  lowered = step.lower(s.abstract_state, abstract_batch)
+  assert 'func' in lowered.as_text()[:20000]
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state.params))
+  assert n_params > 1e4
+
+
+def test_imagenet_config_mirrors_the_reference_recipe():
+  c = load('vit_imagenet.py', '')
+  assert (c.model.variant, c.total_epochs, c.batch_size) == ('B/16', 350, 4096)
+  assert (c.optimizer.lr, c.optimizer.base_batch, c.optimizer.warmup_epochs, c.optimizer.clip) == (
+      1e-3, 4096, 15, 1.0)
+  assert (c.data.randaugment_layers, c.data.randaugment_magnitude, c.data.mixup_alpha) == (2, 15, 0.5)
+  assert c.loss == 'sigmoid_xent' and c.model.kwargs.dtype == 'bfloat16'
+  assert c.sparsity.layers == 'mlp' and c.sparsity.recipe.decay.rate == 1e-4
