@@ -123,7 +123,7 @@ def make_train_step(s: Setup, *, diagnostics: bool = False):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'train/loss': mean, 'train/accuracy': sums.get('accuracy', 0.0) / jnp.maximum(count, 1),
-               'train/grad_norm': optax.global_norm(grads), 'train/lr': s.lr(step)}
+               'train/grad_norm': optax.tree.norm(grads), 'train/lr': s.lr(step)}
     metrics.update({f'sparsity/{k}': v for k, v in sp.info(step, state.opt_state).items()})
     if diagnostics:
       masks = sp.masks(state.params, sparsity, step, state.opt_state)

@@ -2,8 +2,20 @@
 # Sets up a fresh machine for nmsparse: a virtual environment in .venv with the
 # requirements and the package (editable). Idempotent: a second run is quick.
 # Picks the newest Python >= 3.11 it finds (3.12+ gets the newest JAX).
+#   bash scripts/setup.sh          # environment only (what the tests need)
+#   bash scripts/setup.sh --data   # + Fashion-MNIST from Debian's dataset-fashion-mnist package
 set -euo pipefail
 cd "$(dirname "$0")/.."
+WITH_DATA=0
+[ "${1:-}" = "--data" ] && WITH_DATA=1
+if [ "$WITH_DATA" = 1 ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "setup: installing Debian package dataset-fashion-mnist (31 MB)"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null || {
+    echo "setup: could not apt-get install dataset-fashion-mnist. Without root: apt-get download" \
+         "dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb DIR, then pass" \
+         "--config.data.source_dir=DIR/usr/share/datasets/fashion-mnist" >&2; exit 1; }
+fi
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
   for cand in python3.12 /root/.pyenv/versions/3.12.*/bin/python3 python3.11 python3; do

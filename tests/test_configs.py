@@ -59,3 +59,13 @@ def test_imagenet_config_mirrors_the_reference_recipe():
   assert (c.data.randaugment_layers, c.data.randaugment_magnitude, c.data.mixup_alpha) == (2, 15, 0.5)
   assert c.loss == 'sigmoid_xent' and c.model.kwargs.dtype == 'bfloat16'
   assert c.sparsity.layers == 'mlp' and c.sparsity.recipe.decay.rate == 1e-4
+
+
+def test_imagenet_runlocal_trains_end_to_end_on_mock_data(tmp_path):
+  """The ImageNet path (inception crop, RandAugment, mixup, sigmoid loss, bf16 off) on tfds mock data."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = load('vit_imagenet.py', 'runlocal')
+  with tfds.testing.mock_data(num_examples=16):
+    final = train_lib.train_and_evaluate(config, str(tmp_path / 'imagenet'))
+  assert final['step'] == config.total_steps
+  assert final['nm_valid'] == 1.0 and 0 <= final['eval_accuracy'] <= 1
