@@ -73,8 +73,11 @@ def setup(config: ml_collections.ConfigDict, *, steps_per_epoch: int, devices=No
   task = get_task(config.task)
   model = task.build_model(config)
   mesh = state_lib.make_mesh(config.mesh, devices)
-  if config.batch_size % mesh.size:
-    raise ValueError(f'batch_size={config.batch_size} is not divisible by the {mesh.size} devices.')
+  for name in ('batch_size', 'eval_batch_size'):
+    size = config.get(name) or config.batch_size
+    if size % mesh.size:
+      raise ValueError(f'config.{name}={size} is not divisible by the {mesh.size} devices; '
+                       'choose a multiple of the device count.')
   total = optimizer_lib.duration_steps(config, 'total', steps_per_epoch, config.batch_size)
   if not total:
     raise ValueError('Set the run length: config.total_steps, total_epochs or total_examples.')

@@ -114,8 +114,14 @@ def prepare(data_dir: str | os.PathLike | None,
   missing = missing_files(source_dir)
   if missing:
     raise FileNotFoundError(f'Fashion-MNIST idx files {missing} not found in {source_dir}. {HOW_TO_GET}')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      try_download_gcs=False,  # No network; and never look for a hosted copy.
-      compute_stats=tfds.download.ComputeStatsMode.SKIP,
-  ))
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        try_download_gcs=False,  # No network; and never look for a hosted copy.
+        compute_stats=tfds.download.ComputeStatsMode.SKIP,
+    ))
+  except FileExistsError:
+    # Another process (another host of this job) finished the same build first: use its build.
+    builder = NmFashionMnist(data_dir=data_dir, source_dir=source_dir)
+    if not builder.is_prepared():
+      raise
   return builder
