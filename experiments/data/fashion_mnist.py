@@ -106,7 +106,6 @@ def prepare(data_dir: str | os.PathLike | None,
             source_dir: str | os.PathLike = DEFAULT_SOURCE_DIR) -> NmFashionMnist:
   """Builds ``nm_fashion_mnist`` into ``data_dir`` unless it is there already (5-15 s).
 
-  Builds into one ``data_dir`` must not run at once (run this before a multi-host job).
   """
   builder = NmFashionMnist(data_dir=data_dir, source_dir=source_dir)
   if builder.is_prepared():
