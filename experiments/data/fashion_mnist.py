@@ -106,6 +106,7 @@ def prepare(data_dir: str | os.PathLike | None,
             source_dir: str | os.PathLike = DEFAULT_SOURCE_DIR) -> NmFashionMnist:
   """Builds ``nm_fashion_mnist`` into ``data_dir`` unless it is there already (5-15 s).
 
+  Safe when several hosts build into one ``data_dir`` at once: the first finished build is used.
   """
   builder = NmFashionMnist(data_dir=data_dir, source_dir=source_dir)
   if builder.is_prepared():
