@@ -9,6 +9,8 @@ from nmsparse import diagnostics, export, flops
 from nmsparse.diagnostics import grad_norms, gradient_noise, mask_flip_rate, nm_valid_fraction, sparsity
 from nmsparse.export import (CompressedKernel, compress, compress_kernel, decompress,
                              decompress_kernel, size_report, validate)
+from nmsparse.flax_adapters import (SparseModule, nnx_apply_fn, nnx_call, nnx_sparsifier,
+                                    sparse_apply_fn, sparsify_module)
 from nmsparse.flops import inference_macs, training_flops
 from nmsparse.masks import argsort_mask, check_nm, nm_mask, topk_mask
 from nmsparse.ops import hard_mask, mdgf, srste, ste

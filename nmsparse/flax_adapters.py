@@ -20,7 +20,7 @@ NNX, functional (``nnx.split`` / ``jax.grad`` over the params state)::
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     sp = nnx_sparsifier(recipe_config('ste'), rules, model, total_steps)
     apply = nnx_apply_fn(graphdef, sp)
-    (y, rest) = apply(params, rest, sparsity, step, x)
+    y, rest = apply(params, rest, sparsity, step, x)
 
 NNX, stateful (eager, ``nnx.jit`` or ``nnx.grad``)::
 

@@ -168,7 +168,7 @@ class Recipe:
                step_srste=bool(c.step.srste) if c.name == 'step' else False)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # Hashed by identity (usable as a static arg).
 class Sparsifier:
   """Everything a train step needs for one recipe over one params structure.
 

@@ -63,7 +63,10 @@ def parse_nm(text: str) -> tuple[int, int]:
 
 
 def path_str(path: Sequence[Any]) -> str:
-  """Joins a ``jax.tree_util`` key path (or tuple of keys) with ``/``; drops NNX ``value`` keys."""
+  """Joins a ``jax.tree_util`` key path (or tuple of keys) with ``/``; drops NNX ``.value`` attributes."""
+  path = tuple(path)
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == 'value':
+    path = path[:-1]  # NNX variables: ``.../kernel.value``.
   parts = []
   for k in path:
     for attr in ('key', 'name', 'idx'):
@@ -71,8 +74,6 @@ def path_str(path: Sequence[Any]) -> str:
         k = getattr(k, attr)
         break
     parts.append(str(k))
-  if parts and parts[-1] == 'value':
-    parts = parts[:-1]
   return '/'.join(parts)
 
 

@@ -120,7 +120,7 @@ NNX_EXPECTED = {
     'fc2/kernel': (1, 8, (-2,), (32, 6)),
 }
 
-# name: (config overrides, step, forward/backward of the reference)
+# name: (recipe_config overrides, the step at which the test runs)
 RECIPES = {
     'ste': (dict(name='ste'), 5),
     'srste': (dict(name='srste', srste_lambda=0.5), 5),
@@ -360,7 +360,7 @@ def test_each_layer_keeps_its_own_nm(kind):
 
 def test_linen_module_layers_read_sparse_kernels():
   """What each Dense / DenseGeneral (MHA's Q, K, V, out) reads inside ``sparsify_module`` is the masked kernel."""
-  x = jnp.asarray(X[..., :1]) * jnp.ones(EMBED)
+  x = np.random.default_rng(7).standard_normal((2, 4, EMBED)).astype(np.float32)
   params = random_like(jax.eval_shape(Block().init, jax.random.key(0), x)['params'], seed=5)
   sp = nmsparse.make_sparsifier(config('ste'), BLOCK_RULES, params, TOTAL, log=False)
   masks = ref_masks(BLOCK_EXPECTED, params)
@@ -502,9 +502,10 @@ def test_nnx_train_step_and_nnx_call():
 
 
 def readme_quickstart():
+  """The first ```python block of README.md's "## Quickstart..." section (None if it has none)."""
   readme = ROOT / 'README.md'
   text = readme.read_text() if readme.exists() else ''
-  match = re.search(r'^## Quickstart\s*$.*?^```python\n(.*?)^```', text, re.S | re.M)
+  match = re.search(r'^## Quickstart\b[^\n]*\n(?:(?!^## ).)*?^```python\n(.*?)^```', text, re.S | re.M)
   return match.group(1) if match else None
 
 
@@ -520,6 +521,6 @@ def test_quickstart_example(capsys):
 def test_readme_quickstart(capsys):
   block = readme_quickstart()
   if block is None:
-    pytest.skip('README.md has no "## Quickstart" section with a ```python block yet.')
+    pytest.skip('README.md has no ```python block under a "## Quickstart" heading yet.')
   exec(compile(block, 'README.md:Quickstart', 'exec'), {'__name__': '__main__'})
   assert 'loss' in capsys.readouterr().out

@@ -107,5 +107,7 @@ def test_every_match_is_logged(caplog):
   assert 'encoder/block_0/mlp/fc1/kernel' in caplog.text and '2:4' in caplog.text
 
 
-def test_nnx_value_suffix_is_dropped():
-  assert rules_lib.path_str(('layer', 'kernel', 'value')) == 'layer/kernel'
+def test_nnx_value_attribute_is_dropped_but_a_param_named_value_is_kept():
+  K, A = jax.tree_util.DictKey, jax.tree_util.GetAttrKey
+  assert rules_lib.path_str((K('layer'), K('kernel'), A('value'))) == 'layer/kernel'
+  assert rules_lib.path_str((K('attn'), K('value'))) == 'attn/value'

@@ -155,16 +155,35 @@ def test_window_partition_roundtrip():
   np.testing.assert_array_equal(swinv2.window_reverse(win, 4, 8, 12), x)
 
 
+def test_block_init_is_identity():
+  """SwinV2 zero-initialises the residual post-norms: at init every block is the identity."""
+  block = swinv2.SwinV2Block(num_heads=2, window_size=4, shift_size=2, cpb_hidden=16)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 8)), jnp.float32)
+  params = block.init(jax.random.key(0, impl='rbg'), x, True)['params']
+  for norm in ('norm1', 'norm2'):
+    np.testing.assert_array_equal(params[norm]['scale'], 0.0)
+    np.testing.assert_array_equal(params[norm]['bias'], 0.0)
+  attn = params['attn']
+  np.testing.assert_allclose(attn['logit_scale'], math.log(10.0), rtol=1e-6)
+  np.testing.assert_array_equal(attn['query']['bias'], 0.0)
+  assert 'bias' not in attn['key'] and 'bias' not in attn['cpb_mlp']['fc2']
+  np.testing.assert_array_equal(block.apply({'params': params}, x, True), x)
+
+
 @pytest.mark.parametrize('shift', [0, 2])
 def test_block_mixes_only_allowed_tokens(shift):
   """End to end through roll, partition, mask, reverse: perturbing one token changes exactly the
-  tokens allowed to attend to it (the MLP and post-norms act per token)."""
+  tokens allowed to attend to it (the MLP and the post-norms act per token)."""
   h, ws = 8, 4
   block = swinv2.SwinV2Block(num_heads=2, window_size=ws, shift_size=shift, cpb_hidden=16,
                              postnorm_zero_init=False)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, h, h, 8)), jnp.float32)
-  params = block.init(jax.random.key(0), x, True)
-  f = jax.jit(lambda x: block.apply(params, x, True))
+  params = block.init(jax.random.key(0, impl='rbg'), x, True)['params']
+  # Temperature 1 and a flat position bias: every allowed pair gets a sizeable attention weight.
+  attn = dict(params['attn'], logit_scale=jnp.zeros(2))
+  attn['cpb_mlp'] = dict(attn['cpb_mlp'], fc2={'kernel': jnp.zeros((16, 2))})
+  params = dict(params, attn=attn)
+  f = jax.jit(lambda x: block.apply({'params': params}, x, True))
   base = f(x)
   allowed = _no_wrap_allowed(h, h, ws, shift)  # indexed in rolled coordinates
   for u in [(0, 0), (3, 3), (7, 1), (5, 6)]:
@@ -176,9 +195,24 @@ def test_block_mixes_only_allowed_tokens(shift):
       r = ((ru[0] // ws) * ws + t // ws, (ru[1] // ws) * ws + t % ws)
       want[(r[0] + shift) % h, (r[1] + shift) % h] = True
     np.testing.assert_array_equal(changed, want, err_msg=f'token {u}')
-  if shift:  # (0, 0) wraps to the bottom-right corner: it only sees its 2x2 original neighbourhood.
-    changed = np.abs(np.asarray(f(x.at[0, 0, 0].add(1.0)) - base)).max(-1)[0] > 1e-6
-    assert set(zip(*np.nonzero(changed))) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    if shift and u == (0, 0):  # Wrapped to the bottom-right corner: sees only its 2x2 neighbours.
+      assert set(zip(*np.nonzero(changed))) == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    if not shift:  # Plain windows: the whole 4x4 window of u.
+      assert changed.sum() == ws * ws and changed[u[0] // ws * ws, u[1] // ws * ws]
+
+
+def test_drop_path_is_per_example():
+  block = swinv2.SwinV2Block(num_heads=2, window_size=4, drop_path=0.5, cpb_hidden=16,
+                             postnorm_zero_init=False)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 4, 4, 8)), jnp.float32)
+  params = block.init(jax.random.key(0, impl='rbg'), x, True)
+  f = jax.jit(lambda key: block.apply(params, x, False, rngs={'dropout': key}))
+  out = np.asarray(f(jax.random.key(1, impl='rbg')))
+  untouched = np.all(out == np.asarray(x), axis=(1, 2, 3))  # both residual branches dropped
+  assert 0 < untouched.sum() < 32
+  ev = block.apply(params, x, True)
+  assert not np.any(np.all(np.asarray(ev) == np.asarray(x), axis=(1, 2, 3)))
+  assert not np.allclose(out, f(jax.random.key(2, impl='rbg')))
 
 
 # ----------------------------------------------------------------------------- position bias
@@ -232,8 +266,7 @@ def test_continuous_position_bias_module():
 def test_cosine_attention_scale_and_clamp():
   attn = swinv2.WindowAttention(num_heads=2, window_size=2, cpb_hidden=8)
   x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 3, 4, 8)), jnp.float32)
-  params = attn.init(jax.random.key(0), x, None, True)['params']
-  np.testing.assert_allclose(params['logit_scale'], math.log(10.0), rtol=1e-6)
+  params = attn.init(jax.random.key(0, impl='rbg'), x, None, True)['params']
   assert 'bias' not in params['key'] and 'bias' in params['query'] and 'bias' in params['value']
   f = jax.jit(lambda p: attn.apply({'params': p}, x, None, True))
   ref = f(params)
@@ -315,41 +348,35 @@ def test_forward_shapes(overrides, shape):
   assert f'stage_{last}/downsample/norm/scale' in names and 'stage_0/downsample/norm/scale' not in names
 
 
+def random_params(model, shape, seed=0, scale=0.1):
+  """Normal(0, scale) values for every parameter: no init program to compile."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * scale, a.dtype),
+                      abstract_params(model, shape))
+
+
+_logits = jax.jit(lambda model, params, x: model.apply({'params': params}, x, train=False),
+                  static_argnums=0)
+
+
 @pytest.fixture(scope='module')
 def mu():
-  """'mu' on 28x28x1 with non-zero post-norms, so that every block acts on the output."""
+  """'mu' on 28x28x1 with random parameters (non-zero post-norms: every block acts)."""
   model = make_swinv2('mu', 10)
-  x = _images(28, 28, 1)
-  params = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(x)['params']
-  b = params['stage_0']['block_1']
-  np.testing.assert_array_equal(b['norm1']['scale'], 0.0)  # SwinV2's zero-initialised post-norms
-  np.testing.assert_array_equal(b['norm2']['bias'], 0.0)
-  live = jax.tree_util.tree_map_with_path(
-      lambda p, a: jnp.ones_like(a) if rules_lib.path_str(p).endswith(('norm1/scale', 'norm2/scale'))
-      else a, params)
-  return model, live, x
+  return model, random_params(model, (28, 28, 1)), _images(28, 28, 1)
 
 
-def test_init_and_forward(mu):
+def test_forward_values(mu):
   model, params, x = mu
-  logits = jax.jit(lambda p: model.apply({'params': p}, x, train=False))(params)
+  logits = _logits(model, params, x)
   assert logits.shape == (2, 10) and np.all(np.isfinite(logits)) and np.any(logits != 0)
   assert not np.allclose(logits[0], logits[1])
 
 
-def test_drop_path_and_dropout(mu):
-  model, params, x = mu
-  model = model.clone(drop_path=0.5, dropout=0.1)
-  f = jax.jit(lambda p, key: model.apply({'params': p}, x, train=True, rngs={'dropout': key}))
-  ev = jax.jit(lambda p: model.apply({'params': p}, x, train=False))(params)
-  np.testing.assert_allclose(ev, mu[0].apply({'params': params}, x, train=False), rtol=1e-5, atol=1e-6)
-  a, b = f(params, jax.random.key(1)), f(params, jax.random.key(2))
-  assert np.all(np.isfinite(a)) and not np.allclose(a, ev) and not np.allclose(a, b)
-
-
-def test_remat_same_loss_and_grads(mu):
-  model, params, x = mu
-  y = jnp.array([3, 7])
+def test_remat_same_loss_and_grads():
+  model = make_swinv2('mu', 10, depths=(2,), num_heads=(2,))  # one stage: W-MSA then SW-MSA
+  params = random_params(model, (28, 28, 1))
+  x, y = _images(28, 28, 1), jnp.array([3, 7])
 
   def loss(p, model):
     logits = model.apply({'params': p}, x, train=False)
@@ -359,14 +386,15 @@ def test_remat_same_loss_and_grads(mu):
   (l0, g0), (l1, g1) = grads(model), grads(model.clone(remat=True))
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g1, g0)
-  assert float(jnp.abs(g0['stage_0']['block_0']['attn']['logit_scale']).max()) > 0
+  for leaf in ('logit_scale', 'cpb_mlp'):  # The SwinV2-specific parameters are trained.
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0['stage_0']['block_1']['attn'][leaf])) > 0
 
 
 def test_bf16_compute(mu):
   model, params, x = mu
-  ref = jax.jit(lambda p: model.apply({'params': p}, x, train=False))(params)
+  ref = _logits(model, params, x)
   bf16 = model.clone(dtype=jnp.bfloat16)
-  out = jax.jit(lambda p: bf16.apply({'params': p}, x, train=False))(params)
+  out = _logits(bf16, params, x)
   assert out.dtype == jnp.float32 and np.all(np.isfinite(out))
   np.testing.assert_allclose(out, ref, atol=0.1 * float(jnp.abs(ref).max()))
   half = bf16.clone(param_dtype=jnp.bfloat16)

@@ -1,5 +1,6 @@
 """T5 (T5.1.1 style): parameter counts, masks, relative position buckets, greedy decoding, sparsity rules."""
 
+import functools
 import math
 
 import jax
@@ -54,6 +55,21 @@ def paths(tree) -> list[str]:
   return [p for p, _ in rules_lib.named_leaves(tree)]
 
 
+# XLA's backend optimizations only slow down compiling these tiny models.
+jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+
+
+@functools.cache
+def jitted_apply(model: T5):
+  return jit(model.apply, static_argnames=('train', 'method'))
+
+
+def run(model, params, *args, method=None, **kw):
+  """``model.apply`` (jitted; ``train=False`` unless given) as a NumPy array."""
+  kw.setdefault('train', False)
+  return np.asarray(jitted_apply(model)({'params': params}, *args, method=method, **kw))
+
+
 @pytest.fixture(scope='module')
 def tiny():
   """A tiny model without dropout, its params and a batch with encoder padding."""
@@ -64,12 +80,21 @@ def tiny():
   enc[3, 2:] = 0
   enc = jnp.asarray(enc, jnp.int32)
   dec = jnp.asarray(rng.integers(1, V, (6, 5)), jnp.int32).at[:, 0].set(0)
-  params = model.init(jax.random.key(0), enc, dec, train=False)['params']
-  return model, params, enc, dec
+  return model, random_params(model, seed=0), enc, dec
 
 
-def run(model, params, enc, dec, **kw):
-  return np.asarray(model.apply({'params': params}, enc, dec, train=False, **kw))
+def random_params(model: T5, seed: int):
+  """Hand-set params with T5-like scales, drawn by NumPy (compiling ``model.init`` takes seconds)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(path, x):
+    name = rules_lib.path_str(path)
+    if name.endswith('/scale'):
+      return 1 + 0.1 * rng.normal(size=x.shape).astype(np.float32)
+    std = 1.0 if name.endswith('embedding') else x.shape[0] ** -0.5  # tables; kernels by fan-in
+    return (std * rng.normal(size=x.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(leaf, abstract_params(model))
 
 
 # ----------------------------------------------------------------------------- counts and shapes
@@ -160,14 +185,16 @@ def test_attention_has_no_logit_scaling():
   np.testing.assert_allclose(y[0], (w / w.sum(-1, keepdims=True)) @ x[0], rtol=1e-4, atol=1e-5)
 
 
-def test_query_init_carries_the_attention_scale():
-  # T5 init: q ~ N(0, 1 / (d_model * d_kv)), k, v, o ~ N(0, 1 / fan_in); so std(q) / std(k) = d_kv^-1/2.
-  model = make_t5('tiny', vocab_size=V)
-  tok = jnp.ones((1, 3), jnp.int32)
-  p = model.init(jax.random.key(0), tok, tok, train=False)['params']['encoder']['layers_0']
-  att = p['self_attention']
-  ratio = float(np.std(att['q']['kernel']) / np.std(att['k']['kernel']))
-  assert ratio == pytest.approx(t5_config('tiny')['d_kv'] ** -0.5, rel=0.1)
+def test_init_scales():
+  # T5 init: q ~ N(0, 1 / (d_model * d_kv)), k, v, o ~ N(0, 1 / fan_in); so std(q) = std(k) / sqrt(d_kv).
+  d, heads, d_kv = 64, 4, 16
+  x = jnp.ones((1, 2, d))
+  p = t5_lib.MultiHeadAttention(heads, d_kv).init(jax.random.key(0), x, x, deterministic=True)
+  std = {k: float(np.std(v['kernel'])) for k, v in p['params'].items()}
+  assert std['k'] == pytest.approx(d ** -0.5, rel=0.1)
+  assert std['q'] == pytest.approx((d * d_kv) ** -0.5, rel=0.1)
+  norm = t5_lib.RMSNorm().init(jax.random.key(0), x)['params']['scale']
+  np.testing.assert_array_equal(norm, np.ones(d))
 
 
 # ----------------------------------------------------------------------------- relative positions
@@ -241,23 +268,23 @@ def test_relative_position_bias_reads_the_table_by_bucket():
 
 def test_shapes_dtypes_and_dropout(tiny):
   model, params, enc, dec = tiny
-  logits = model.apply({'params': params}, enc, dec, train=False)
+  logits = jitted_apply(model)({'params': params}, enc, dec, train=False)
   assert logits.shape == (6, 5, V) and logits.dtype == jnp.float32
-  encoded = model.apply({'params': params}, enc, train=False, method=T5.encode)
+  encoded = run(model, params, enc, method=T5.encode)
   assert encoded.shape == (6, 7, 64)
-  via_decode = model.apply({'params': params}, encoded, enc, dec, train=False, method=T5.decode)
-  np.testing.assert_array_equal(via_decode, logits)
+  np.testing.assert_allclose(run(model, params, encoded, enc, dec, method=T5.decode), logits,
+                             atol=1e-6, rtol=1e-6)
   # bf16 compute still returns float32 logits, close to the float32 model.
-  bf16 = model.clone(dtype=jnp.bfloat16).apply({'params': params}, enc, dec, train=False)
+  bf16 = jitted_apply(model.clone(dtype=jnp.bfloat16))({'params': params}, enc, dec, train=False)
   assert bf16.dtype == jnp.float32
   assert np.corrcoef(np.ravel(bf16), np.ravel(logits))[0, 1] > 0.99
   # Dropout: active only with train=True, and then it needs and follows the rng.
   dropped = make_t5('tiny', vocab_size=V, dropout_rate=0.3)
-  apply = lambda key: dropped.apply({'params': params}, enc, dec, train=True, rngs={'dropout': key})
+  apply = lambda key: run(dropped, params, enc, dec, train=True, rngs={'dropout': key})
   a, b = apply(jax.random.key(1)), apply(jax.random.key(2))
   assert not np.allclose(a, b)
   np.testing.assert_array_equal(a, apply(jax.random.key(1)))
-  np.testing.assert_array_equal(dropped.apply({'params': params}, enc, dec, train=False), logits)
+  np.testing.assert_allclose(run(dropped, params, enc, dec), logits, atol=1e-6, rtol=1e-6)
   with pytest.raises(ValueError, match='integer ids'):
     model.apply({'params': params}, enc.astype(jnp.float32), dec, train=False)
 
@@ -276,7 +303,7 @@ def test_decoder_is_causal(tiny):
 
 def test_encoder_padding_is_invisible(tiny):
   model, params, enc, dec = tiny
-  enc_fn = lambda e: np.asarray(model.apply({'params': params}, e, train=False, method=T5.encode))
+  enc_fn = lambda e: run(model, params, e, method=T5.encode)
   base_logits, base_enc = run(model, params, enc, dec), enc_fn(enc)
   # More padding at the end changes nothing at real positions, nor the decoder.
   padded = jnp.pad(enc, ((0, 0), (0, 4)))
@@ -311,17 +338,18 @@ def test_decoder_target_mask(tiny):
 
 
 def reference_greedy(model, params, enc, max_len, bos_id, eos_id):
-  """Step by step with plain model calls on the unpadded prefix; 0 after a row's EOS."""
+  """Step by step with plain model calls on the prefix padded to max_len (see test_decoder_is_causal)."""
   batch = enc.shape[0]
   out = np.zeros((batch, max_len), np.int64)
   done = np.zeros(batch, bool)
-  prefix = np.full((batch, 1), bos_id)
+  dec = np.zeros((batch, max_len), np.int32)  # [bos, y_0, ..., y_{i-1}, then padding]
+  dec[:, 0] = bos_id
   for i in range(max_len):
-    logits = run(model, params, enc, jnp.asarray(prefix, jnp.int32))
-    token = np.where(done, 0, logits[:, -1].argmax(-1))
+    token = np.where(done, 0, run(model, params, enc, jnp.asarray(dec))[:, i].argmax(-1))
     out[:, i] = token
     done |= token == eos_id
-    prefix = np.concatenate([prefix, token[:, None]], axis=1)
+    if i + 1 < max_len:
+      dec[:, i + 1] = token
   return out
 
 
@@ -392,7 +420,7 @@ def test_sparse_training_step_on_tiny(tiny):
   sp = nmsparse.make_sparsifier(nmsparse.recipe_config('ste'), t5_rules('all', 2, 4), params, 10,
                                 log=False)
   state = sp.init(params)
-  effective = sp.apply(params, state, jnp.asarray(5))
+  effective = jit(sp.apply)(params, state, jnp.asarray(5))
   assert float(nmsparse.nm_valid_fraction(effective, sp.specs)) == 1.0
   wo = np.asarray(effective['decoder']['layers_1']['mlp']['wo']['kernel'])
   assert ((wo.reshape(-1, 4, wo.shape[-1]) != 0).sum(1) == 2).all()  # groups run along axis -2
@@ -404,5 +432,5 @@ def test_sparse_training_step_on_tiny(tiny):
     logits = apply({'params': p}, state, jnp.asarray(5), enc, dec, train=False)
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), dec[..., None], -1))
 
-  grads = jax.grad(loss)(params)
+  grads = jit(jax.grad(loss))(params)
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))

@@ -438,13 +438,13 @@ def greedy_decode(model: T5, params: Any, encoder_tokens: jax.Array, max_len: in
   """
   if max_len < 1:
     raise ValueError(f'max_len must be >= 1, got {max_len}.')
-  return _greedy_decode(model, params, jnp.asarray(encoder_tokens), int(max_len), int(bos_id),
-                        int(eos_id))
+  return _greedy_decode(model, params, jnp.asarray(encoder_tokens), int(max_len),
+                        jnp.asarray(bos_id, jnp.int32), jnp.asarray(eos_id, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
-def _greedy_decode(model: T5, params: Any, encoder_tokens: jax.Array, max_len: int, bos_id: int,
-                   eos_id: int) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _greedy_decode(model: T5, params: Any, encoder_tokens: jax.Array, max_len: int,
+                   bos_id: jax.Array, eos_id: jax.Array) -> jax.Array:
   variables = {'params': params}
   encoded = model.apply(variables, encoder_tokens, train=False, method=T5.encode)
   batch = encoder_tokens.shape[0]
