@@ -56,6 +56,7 @@ class Progress:
     self.total = total_steps
     self._last_step, self._last_time = first_step, time.perf_counter()
     self.steps_per_sec = math.nan
+    self._first = True  # The first interval includes compilation: it sets no rate.
 
   def pause(self, step: int) -> None:
     """Restarts the rate clock (after an eval or a checkpoint, which are not training time)."""
@@ -63,7 +64,9 @@ class Progress:
 
   def update(self, step: int) -> str:
     now = time.perf_counter()
-    if step > self._last_step:
+    if self._first:
+      self._first = False
+    elif step > self._last_step:
       self.steps_per_sec = (step - self._last_step) / (now - self._last_time)
     self._last_step, self._last_time = step, now
     left = (self.total - step) / self.steps_per_sec if self.steps_per_sec > 0 else math.nan

@@ -159,7 +159,7 @@ def test_block_init_is_identity():
   """SwinV2 zero-initialises the residual post-norms: at init every block is the identity."""
   block = swinv2.SwinV2Block(num_heads=2, window_size=4, shift_size=2, cpb_hidden=16)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 8)), jnp.float32)
-  params = block.init(jax.random.key(0, impl='rbg'), x, True)['params']
+  params = jax.jit(block.init, static_argnums=2)(jax.random.key(0, impl='rbg'), x, True)['params']
   for norm in ('norm1', 'norm2'):
     np.testing.assert_array_equal(params[norm]['scale'], 0.0)
     np.testing.assert_array_equal(params[norm]['bias'], 0.0)
@@ -167,7 +167,7 @@ def test_block_init_is_identity():
   np.testing.assert_allclose(attn['logit_scale'], math.log(10.0), rtol=1e-6)
   np.testing.assert_array_equal(attn['query']['bias'], 0.0)
   assert 'bias' not in attn['key'] and 'bias' not in attn['cpb_mlp']['fc2']
-  np.testing.assert_array_equal(block.apply({'params': params}, x, True), x)
+  np.testing.assert_array_equal(jax.jit(block.apply, static_argnums=2)({'params': params}, x, True), x)
 
 
 @pytest.mark.parametrize('shift', [0, 2])
@@ -178,7 +178,7 @@ def test_block_mixes_only_allowed_tokens(shift):
   block = swinv2.SwinV2Block(num_heads=2, window_size=ws, shift_size=shift, cpb_hidden=16,
                              postnorm_zero_init=False)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, h, h, 8)), jnp.float32)
-  params = block.init(jax.random.key(0, impl='rbg'), x, True)['params']
+  params = jax.jit(block.init, static_argnums=2)(jax.random.key(0, impl='rbg'), x, True)['params']
   # Temperature 1 and a flat position bias: every allowed pair gets a sizeable attention weight.
   attn = dict(params['attn'], logit_scale=jnp.zeros(2))
   attn['cpb_mlp'] = dict(attn['cpb_mlp'], fc2={'kernel': jnp.zeros((16, 2))})
@@ -205,12 +205,12 @@ def test_drop_path_is_per_example():
   block = swinv2.SwinV2Block(num_heads=2, window_size=4, drop_path=0.5, cpb_hidden=16,
                              postnorm_zero_init=False)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 4, 4, 8)), jnp.float32)
-  params = block.init(jax.random.key(0, impl='rbg'), x, True)
+  params = jax.jit(block.init, static_argnums=2)(jax.random.key(0, impl='rbg'), x, True)
   f = jax.jit(lambda key: block.apply(params, x, False, rngs={'dropout': key}))
   out = np.asarray(f(jax.random.key(1, impl='rbg')))
   untouched = np.all(out == np.asarray(x), axis=(1, 2, 3))  # both residual branches dropped
   assert 0 < untouched.sum() < 32
-  ev = block.apply(params, x, True)
+  ev = jax.jit(block.apply, static_argnums=2)(params, x, True)
   assert not np.any(np.all(np.asarray(ev) == np.asarray(x), axis=(1, 2, 3)))
   assert not np.allclose(out, f(jax.random.key(2, impl='rbg')))
 
@@ -247,10 +247,11 @@ def test_relative_position_index(ws):
 def test_continuous_position_bias_module():
   ws, heads = 3, 2
   cpb = swinv2.ContinuousPositionBias(heads, ws, hidden=8)
-  params = cpb.init(jax.random.key(1))['params']
+  params = jax.jit(cpb.init)(jax.random.key(1, impl='rbg'))['params']
   assert set(params) == {'fc1', 'fc2'} and set(params['fc2']) == {'kernel'}
-  params = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(2), x.shape) * 0.5, params)
-  bias = np.asarray(cpb.apply({'params': params}))
+  rng = np.random.default_rng(2)
+  params = jax.tree.map(lambda x: x + rng.normal(size=x.shape).astype(np.float32) * 0.5, params)
+  bias = np.asarray(jax.jit(cpb.apply)({'params': params}))
   assert bias.shape == (heads, ws * ws, ws * ws)
   w1, b1, w2 = (np.asarray(params['fc1']['kernel']), np.asarray(params['fc1']['bias']),
                 np.asarray(params['fc2']['kernel']))
@@ -266,7 +267,7 @@ def test_continuous_position_bias_module():
 def test_cosine_attention_scale_and_clamp():
   attn = swinv2.WindowAttention(num_heads=2, window_size=2, cpb_hidden=8)
   x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 3, 4, 8)), jnp.float32)
-  params = attn.init(jax.random.key(0, impl='rbg'), x, None, True)['params']
+  params = jax.jit(attn.init, static_argnums=(2, 3))(jax.random.key(0, impl='rbg'), x, None, True)['params']
   assert 'bias' not in params['key'] and 'bias' in params['query'] and 'bias' in params['value']
   f = jax.jit(lambda p: attn.apply({'params': p}, x, None, True))
   ref = f(params)
@@ -282,10 +283,10 @@ def test_cosine_attention_scale_and_clamp():
 def test_patch_merging_order_and_norm():
   merge = swinv2.PatchMerging(out_dim=8)
   x = jnp.asarray(np.random.default_rng(4).normal(size=(1, 4, 6, 2)), jnp.float32)
-  params = merge.init(jax.random.key(0), x)['params']
+  params = jax.jit(merge.init)(jax.random.key(0, impl='rbg'), x)['params']
   assert set(params) == {'reduction', 'norm'} and set(params['reduction']) == {'kernel'}
   params = {**params, 'reduction': {'kernel': jnp.eye(8)}}
-  out = np.asarray(merge.apply({'params': params}, x))
+  out = np.asarray(jax.jit(merge.apply)({'params': params}, x))
   xs = np.asarray(x)[0]
   cat = np.concatenate([xs[0::2, 0::2], xs[1::2, 0::2], xs[0::2, 1::2], xs[1::2, 1::2]], -1)
   want = (cat - cat.mean(-1, keepdims=True)) / np.sqrt(cat.var(-1, keepdims=True) + 1e-5)
