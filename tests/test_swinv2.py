@@ -4,6 +4,7 @@ position bias, cosine attention, sparsity presets, remat and bf16."""
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,6 +66,14 @@ def count(tree) -> int:
 
 def paths(tree) -> set:
   return {n for n, _ in rules_lib.named_leaves(tree)}
+
+
+def random_params(module, *args, seed=0, scale=0.1, **kwargs):
+  """Normal(0, scale) values for every parameter of ``module.init(key, *args, **kwargs)``: no init
+  program to compile."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))['params']
+  return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * scale, a.dtype), shapes)
 
 
 def test_every_registered_variant_is_tested():
@@ -178,7 +187,7 @@ def test_block_mixes_only_allowed_tokens(shift):
   block = swinv2.SwinV2Block(num_heads=2, window_size=ws, shift_size=shift, cpb_hidden=16,
                              postnorm_zero_init=False)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, h, h, 8)), jnp.float32)
-  params = jax.jit(block.init, static_argnums=2)(jax.random.key(0, impl='rbg'), x, True)['params']
+  params = random_params(block, x, True)
   # Temperature 1 and a flat position bias: every allowed pair gets a sizeable attention weight.
   attn = dict(params['attn'], logit_scale=jnp.zeros(2))
   attn['cpb_mlp'] = dict(attn['cpb_mlp'], fc2={'kernel': jnp.zeros((16, 2))})
@@ -205,7 +214,7 @@ def test_drop_path_is_per_example():
   block = swinv2.SwinV2Block(num_heads=2, window_size=4, drop_path=0.5, cpb_hidden=16,
                              postnorm_zero_init=False)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(32, 4, 4, 8)), jnp.float32)
-  params = jax.jit(block.init, static_argnums=2)(jax.random.key(0, impl='rbg'), x, True)
+  params = {'params': random_params(block, x, True)}
   f = jax.jit(lambda key: block.apply(params, x, False, rngs={'dropout': key}))
   out = np.asarray(f(jax.random.key(1, impl='rbg')))
   untouched = np.all(out == np.asarray(x), axis=(1, 2, 3))  # both residual branches dropped
@@ -267,7 +276,7 @@ def test_continuous_position_bias_module():
 def test_cosine_attention_scale_and_clamp():
   attn = swinv2.WindowAttention(num_heads=2, window_size=2, cpb_hidden=8)
   x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 3, 4, 8)), jnp.float32)
-  params = jax.jit(attn.init, static_argnums=(2, 3))(jax.random.key(0, impl='rbg'), x, None, True)['params']
+  params = random_params(attn, x, None, True)
   assert 'bias' not in params['key'] and 'bias' in params['query'] and 'bias' in params['value']
   f = jax.jit(lambda p: attn.apply({'params': p}, x, None, True))
   ref = f(params)
@@ -349,13 +358,6 @@ def test_forward_shapes(overrides, shape):
   assert f'stage_{last}/downsample/norm/scale' in names and 'stage_0/downsample/norm/scale' not in names
 
 
-def random_params(model, shape, seed=0, scale=0.1):
-  """Normal(0, scale) values for every parameter: no init program to compile."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * scale, a.dtype),
-                      abstract_params(model, shape))
-
-
 _logits = jax.jit(lambda model, params, x: model.apply({'params': params}, x, train=False),
                   static_argnums=0)
 
@@ -364,7 +366,8 @@ _logits = jax.jit(lambda model, params, x: model.apply({'params': params}, x, tr
 def mu():
   """'mu' on 28x28x1 with random parameters (non-zero post-norms: every block acts)."""
   model = make_swinv2('mu', 10)
-  return model, random_params(model, (28, 28, 1)), _images(28, 28, 1)
+  x = _images(28, 28, 1)
+  return model, random_params(model, x, train=False), x
 
 
 def test_forward_values(mu):
@@ -375,20 +378,29 @@ def test_forward_values(mu):
 
 
 def test_remat_same_loss_and_grads():
-  model = make_swinv2('mu', 10, depths=(2,), num_heads=(2,))  # one stage: W-MSA then SW-MSA
-  params = random_params(model, (28, 28, 1))
-  x, y = _images(28, 28, 1), jnp.array([3, 7])
+  # Numerics on one shifted block (the mask is a constant inside the rematerialised function) ...
+  fields = dict(num_heads=2, window_size=4, shift_size=2, cpb_hidden=16)
+  block = swinv2.SwinV2Block(**fields)
+  remat_block = nn.remat(swinv2.SwinV2Block, static_argnums=(2,))(**fields)
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 8, 8, 8)), jnp.float32)
+  params = random_params(block, x, True)
 
-  def loss(p, model):
-    logits = model.apply({'params': p}, x, train=False)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+  def loss(p, module):
+    return jnp.mean(jnp.sin(module.apply({'params': p}, x, True)))
 
-  grads = lambda model: jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, model)
-  (l0, g0), (l1, g1) = grads(model), grads(model.clone(remat=True))
+  grads = lambda module: jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, module)
+  (l0, g0), (l1, g1) = grads(block), grads(remat_block)
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g1, g0)
   for leaf in ('logit_scale', 'cpb_mlp'):  # The SwinV2-specific parameters are trained.
-    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0['stage_0']['block_1']['attn'][leaf])) > 0
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g0['attn'][leaf])) > 0
+  # ... and the model wraps each of its blocks, and nothing else, in a checkpoint.
+  for remat in (False, True):
+    model = make_swinv2('mu', 10, remat=remat)
+    shapes = abstract_params(model, (28, 28, 1))
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({'params': p}, _images(28, 28, 1), train=False))(shapes)
+    names = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+    assert names.count('remat2') == (sum(VARIANTS['mu']['depths']) if remat else 0)
 
 
 def test_bf16_compute(mu):

@@ -142,22 +142,23 @@ def relative_position_index(window: int) -> np.ndarray:
 
 
 def window_partition(x, window: int):
-  """``(B, H, W, C) -> (B, nW, w*w, C)``: windows row-major over the grid, tokens row-major within."""
+  """``(B, H, W, C) -> (B, nW, window**2, C)``: windows row-major over the map, tokens row-major within."""
   b, h, w, c = x.shape
   x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, (h // window) * (w // window), window * window, c)
 
 
 def window_reverse(x, window: int, h: int, w: int):
-  """Inverse of ``window_partition``: ``(B, nW, w*w, C) -> (B, H, W, C)``."""
+  """Inverse of ``window_partition``: ``(B, nW, window**2, C) -> (B, h, w, C)``."""
   b, _, _, c = x.shape
   x = x.reshape(b, h // window, w // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, h, w, c)
 
 
 def shifted_window_mask(h: int, w: int, window: int, shift: int) -> Optional[np.ndarray]:
-  """``(nW, w*w, w*w)`` float32: 0 where two tokens of a window may attend, ``MASK_VALUE`` where the
-  cyclic shift brought them together from different regions; ``None`` without a shift.
+  """``(nW, window**2, window**2)`` float32: 0 where two tokens of a window may attend,
+  ``MASK_VALUE`` where the cyclic shift brought them together from different regions; ``None``
+  without a shift.
 
   After rolling the map by ``-shift``, the last ``shift`` rows (columns) wrapped around from the top
   (left). Along each axis, the region id is 0 before the last window, 1 in the last window before
@@ -291,7 +292,7 @@ class SwinV2Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    b, h, w, c = x.shape
+    _, h, w, c = x.shape
     ws, s = self.window_size, self.shift_size
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     zero = nn.initializers.zeros
@@ -400,7 +401,7 @@ class SwinV2(nn.Module):
     pws = tuple(self.pretrained_window_sizes or (0,) * len(depths))
     if len(pws) != len(depths):
       raise ValueError(f'pretrained_window_sizes {pws} needs one entry per stage ({len(depths)}).')
-    b, h, w, ch = x.shape
+    _, h, w, ch = x.shape
     if h != w:
       raise ValueError(f'SwinV2 here takes square images, got {h}x{w}.')
     if self.img_size is not None and h != self.img_size:

@@ -67,7 +67,7 @@ T5_VOCAB_SIZE = 32128  # The T5 SentencePiece vocabulary (32000) padded to a mul
 
 PAD_ID = 0
 
-# The mask bias: large enough to zero a softmax weight, small enough to stay finite in bf16.
+# Masked attention logits (float32): exp underflows to exactly 0, and a fully masked row stays finite.
 _NEG_INF = -1e10
 
 

@@ -15,13 +15,16 @@ from experiments.tasks import Task
 
 def build_model(config: ml_collections.ConfigDict):
   m = config.model
+  kwargs = dict(m.get('kwargs', {}) or {})
+  for key in ('dtype', 'param_dtype'):
+    if isinstance(kwargs.get(key), str):
+      kwargs[key] = jnp.dtype(kwargs[key])
   if m.name == 'vit':
-    kwargs = dict(m.get('kwargs', {}) or {})
-    for key in ('dtype', 'param_dtype'):
-      if isinstance(kwargs.get(key), str):
-        kwargs[key] = jnp.dtype(kwargs[key])
     return models.make_vit(m.variant, m.num_classes, **kwargs)
-  raise ValueError(f'Unknown model.name {m.name!r} for classification; known: vit.')
+  if m.name == 'swinv2':
+    return models.make_swinv2(m.variant, m.num_classes, img_size=config.data.image_size,
+                              in_chans=m.channels, **kwargs)
+  raise ValueError(f'Unknown model.name {m.name!r} for classification; known: vit, swinv2.')
 
 
 def make_input(config, *, split, train, global_batch_size, seed, process_index=0, process_count=1):
