@@ -69,3 +69,15 @@ def test_imagenet_runlocal_trains_end_to_end_on_mock_data(tmp_path):
     final = train_lib.train_and_evaluate(config, str(tmp_path / 'imagenet'))
   assert final['step'] == config.total_steps
   assert final['nm_valid'] == 1.0 and 0 <= final['eval_accuracy'] <= 1
+
+
+def test_swinv2_runlocal_trains_end_to_end(fmnist_source, tmp_path):
+  """SwinV2 on the shared loop: sparsity reaches the MLP kernels only, groups are exactly 1:8."""
+  config = load('swinv2_fashion_mnist.py', 'runlocal')
+  config.data.source_dir = fmnist_source
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.total_steps = 6
+  config.eval_batch_size = 64
+  final = train_lib.train_and_evaluate(config, str(tmp_path / 'swin'))
+  assert final['step'] == 6 and final['nm_valid'] == 1.0
+  assert final['sparsity'] == pytest.approx(0.875) and final['eval_examples'] == 64
