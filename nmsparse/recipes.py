@@ -325,23 +325,31 @@ class Sparsifier:
       finetune = (lambda s, w, key: masks_lib.nm_mask(w, s.n, s.m, s.axes), ops.ste)
     return [(lambda s, w, key: None, None)] + sparse + [finetune]
 
-  def _switch(self, params, state, step, opt_state, leaf_fn):
-    """Runs ``leaf_fn(mask_fn, op, spec, w, key)`` on sparsified leaves in the branch of ``step``."""
+  def _switch(self, params, state, step, opt_state, leaf_fn, branches=None):
+    """Runs ``leaf_fn(mask_fn, op, spec, w, key)`` on sparsified leaves in the branch of ``step``.
+
+    Only the sparsified leaves go through ``lax.switch`` (the others are returned
+    as they are), and the switch is skipped when a single branch is reachable.
+    """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     specs = rules_lib.spec_leaves(self.specs)
-    keys = [rules_lib.path_str(p) for p, _ in flat]
+    leaves = [w for _, w in flat]
+    idx = [i for i, s in enumerate(specs) if s is not None]
+    keys = {i: rules_lib.path_str(flat[i][0]) for i in idx}
 
     def make(mask_fn, op):
-      return lambda leaves: [w if s is None else leaf_fn(mask_fn, op, s, w, k)
-                             for s, w, k in zip(specs, leaves, keys)]
+      return lambda ws: [leaf_fn(mask_fn, op, specs[i], w, keys[i]) for i, w in zip(idx, ws)]
 
-    branches = [make(*b) for b in self._branches(step, state)]
-    leaves = [w for _, w in flat]
+    branches = [make(*b) for b in (branches or self._branches(step, state))]
     reachable = self._reachable_branches()
+    sparse = [leaves[i] for i in idx]
     if len(reachable) == 1:
-      out = branches[reachable[0]](leaves)
-    else:
-      out = lax.switch(self.branch(step, opt_state), branches, leaves)
+      sparse = branches[reachable[0]](sparse)
+    elif sparse:
+      sparse = lax.switch(self.branch(step, opt_state), branches, sparse)
+    out = list(leaves)
+    for i, w in zip(idx, sparse):
+      out[i] = w
     return jax.tree_util.tree_unflatten(treedef, out)
 
   def apply(self, params: PyTree, state: dict, step: jax.Array, opt_state: PyTree = None) -> PyTree:
@@ -356,7 +364,18 @@ class Sparsifier:
       mask = mask_fn(s, w, key)
       return w if mask is None else op(w, mask)
 
-    return self._switch(params, state, step, opt_state, leaf)
+    branches = self._branches(step, state)
+    op = _shared_op(branches) if len(self._reachable_branches()) > 1 else None
+    if op is None:
+      return self._switch(params, state, step, opt_state, leaf, branches)
+    # Every branch applies the same op, and `op(w, all True)` is `w` exactly (forward and
+    # backward), as the dense branch needs: switch over the boolean masks only, then apply
+    # the op once outside. The switch then moves no float kernels and the backward pass
+    # has no conditional at all.
+    masks = self._switch(params, state, step, opt_state,
+                         lambda mask_fn, op, s, w, key: _mask_or_ones(mask_fn(s, w, key), w),
+                         branches)
+    return rules_lib.map_sparse(lambda s, w, mask: op(w, mask), self.specs, params, masks)
 
   def masks(self, params: PyTree, state: dict, step: jax.Array, opt_state: PyTree = None) -> PyTree:
     """Keep-masks used at ``step`` (params structure; all True in the dense phase, None for dense leaves)."""
@@ -397,6 +416,23 @@ class Sparsifier:
                                is_leaf=lambda x: x is None or isinstance(x, rules_lib.NMSpec))
     return step_optimizer.scale_by_step_adam(b1=b1, b2=b2, eps=eps, sparse_mask=sparse_mask,
                                         **self.recipe.step_kwargs, **kw)
+
+
+# Ops with op(w, all-True mask) == w bit for bit, forward and backward.
+_ONES_EXACT_OPS = (ops.ste, ops.hard_mask)
+
+
+def _shared_op(branches) -> Optional[Callable]:
+  """The op of every non-dense branch if it is one op of ``_ONES_EXACT_OPS``, else None."""
+  found = {op for _, op in branches if op is not None}
+  if len(found) != 1:
+    return None
+  op = found.pop()
+  return op if any(op is o for o in _ONES_EXACT_OPS) else None
+
+
+def _mask_or_ones(mask, w):
+  return jnp.ones(w.shape, bool) if mask is None else mask
 
 
 def make_sparsifier(config: Any, rules: rules_lib.Rules, params: PyTree,
