@@ -71,8 +71,10 @@ def run_defaults(config: ml_collections.ConfigDict) -> None:
   config.total_examples = ph(int)
   config.log_every_steps = 50
   config.eval_every_steps = 500
+  config.eval_steps = ph(int)  # Eval batches per evaluation; None: the whole split.
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.diagnostics_every_steps = 50  # nmsparse diagnostics (sparsity, flips, grad norms)
+  config.diagnostics_microbatches = 4  # Gradient noise from 4 microbatch gradients (0: skip).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.abstract_lowering_only = False

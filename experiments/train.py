@@ -78,6 +78,10 @@ def setup(config: ml_collections.ConfigDict, *, steps_per_epoch: int, devices=No
     if size % mesh.size:
       raise ValueError(f'config.{name}={size} is not divisible by the {mesh.size} devices; '
                        'choose a multiple of the device count.')
+  micro = config.get('diagnostics_microbatches') or 0
+  if micro > 1 and config.batch_size % micro:
+    raise ValueError(f'config.diagnostics_microbatches={micro} does not divide batch_size '
+                     f'{config.batch_size}; choose a divisor (or 0 to skip the gradient-noise diagnostics).')
   total = optimizer_lib.duration_steps(config, 'total', steps_per_epoch, config.batch_size)
   if not total:
     raise ValueError('Set the run length: config.total_steps, total_epochs or total_examples.')
@@ -111,6 +115,7 @@ def make_train_step(s: Setup, *, diagnostics: bool = False):
   """The jitted train step: sparsity update, forward/backward through the effective params, AdamW."""
   config, sp, task, model, tx = s.config, s.sp, s.task, s.model, s.tx
   base_rng = jax.random.key(config.seed)
+  micro = config.get('diagnostics_microbatches') or 0
 
   def step_fn(state: state_lib.TrainState, batch: dict):
     step = state.step
@@ -138,12 +143,22 @@ def make_train_step(s: Setup, *, diagnostics: bool = False):
       metrics['sparsity/hard_nm_valid'] = nmsparse.nm_valid_fraction(hard, sp.specs)
       metrics['sparsity/mask_flip_rate'] = nmsparse.mask_flip_rate(masks, new_masks)['mask_flip_rate']
       metrics.update({f'grad/{k}': v for k, v in nmsparse.grad_norms(grads, masks).items()})
+      if micro > 1:  # Gradient noise on kept and pruned weights, from `micro` microbatch gradients.
+        stacked = _microbatch_grads(state.params, batch, micro, lambda p, mb: task.loss_fn(
+            model, sp.apply(p, sparsity, step, state.opt_state), mb, rng, True, config)[0])
+        metrics.update({f'grad/{k}': v for k, v in nmsparse.gradient_noise(stacked, masks).items()})
     new_state = state.replace(step=step + 1, params=params, opt_state=opt_state, sparsity=sparsity)
     return new_state, metrics
 
   batch_sh = state_lib.batch_sharding(s.mesh)
   return jax.jit(step_fn, in_shardings=(s.shardings, batch_sh),
                  out_shardings=(s.shardings, state_lib.replicated(s.mesh)), donate_argnums=0)
+
+
+def _microbatch_grads(params: PyTree, batch: dict, micro: int, loss) -> PyTree:
+  """Gradients of ``loss(params, microbatch)`` on ``micro`` equal slices of the batch, stacked on axis 0."""
+  split = jax.tree.map(lambda x: x.reshape((micro, x.shape[0] // micro) + x.shape[1:]), batch)
+  return jax.lax.map(lambda mb: jax.grad(loss)(params, mb), split)
 
 
 def make_eval_step(s: Setup, *, hard: bool = False):
@@ -169,12 +184,28 @@ def evaluate(s: Setup, state: state_lib.TrainState, eval_input, *, hard: bool = 
   eval_step = eval_step or make_eval_step(s, hard=hard)
   sharding = state_lib.batch_sharding(s.mesh)
   totals: dict[str, float] = {}
-  for batch in eval_input.iterator(0):
+  for batch in eval_batches(s, eval_input):
     out = jax.device_get(eval_step(state, state_lib.global_batch(batch, sharding)))
     for k, v in out.items():
       totals[k] = totals.get(k, 0.0) + float(v)
   count = totals.pop('count', 0.0)
-  return {k: v / max(count, 1.0) for k, v in totals.items()} | {'count': count}
+  out = {k: v / max(count, 1.0) for k, v in totals.items()}
+  if s.task.derived_metrics is not None:
+    out = s.task.derived_metrics(out)
+  if s.task.decode_metrics is not None and s.config.get('decode_eval', True):
+    make = s.sp.hard_params if hard else s.sp.apply
+    params = jax.jit(make)(state.params, state.sparsity, state.step, state.opt_state)
+    out |= s.task.decode_metrics(s, params, eval_input)
+  return out | {'count': count}
+
+
+def eval_batches(s: Setup, eval_input):
+  """The eval split's batches, the first ``config.eval_steps`` of them if set (None: all)."""
+  limit = s.config.get('eval_steps')
+  for i, batch in enumerate(eval_input.iterator(0)):
+    if limit and i >= limit:
+      return
+    yield batch
 
 
 # ----------------------------------------------------------------------------- loop
@@ -277,7 +308,7 @@ def final_evaluation(s: Setup, state: state_lib.TrainState, eval_input, *, eval_
   hard = jax.jit(s.sp.hard_params)(state.params, state.sparsity, state.step, state.opt_state)
   out = {f'eval_{k}': v for k, v in ev.items() if k != 'count'}
   out |= {f'hard_{k}': v for k, v in hard_ev.items() if k != 'count'}
-  out['eval_examples'] = ev['count']
+  out[f'eval_{s.task.count_unit}'] = ev['count']
   out['sparsity'] = float(nmsparse.sparsity(hard, s.sp.specs))
   out['nm_valid'] = float(nmsparse.nm_valid_fraction(hard, s.sp.specs))
   out['step'] = float(jax.device_get(state.step))

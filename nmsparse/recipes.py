@@ -300,7 +300,12 @@ class Sparsifier:
     ``op(w, mask)`` the effective kernel.
     """
     r = self.recipe
-    stored = lambda s, w, key: state['masks'][key]
+
+    def stored(s, w, key):
+      if 'masks' not in state:  # A frozen fine-tune outside the run (`finetune` of 0 steps): the
+        return masks_lib.nm_mask(w, s.n, s.m, s.axes)  # switch still traces its branch.
+      return state['masks'][key]
+
     if r.name == 'srste' or (r.name == 'step' and r.step_srste):
       sparse_op = lambda w, mask: ops.srste(w, mask, r.srste_lambda)
     elif r.decay is not None:

@@ -4,10 +4,24 @@
 # Picks the newest Python >= 3.11 it finds (3.12+ gets the newest JAX).
 #   bash scripts/setup.sh          # environment only (what the tests need)
 #   bash scripts/setup.sh --data   # + Fashion-MNIST from Debian's dataset-fashion-mnist package
+#   bash scripts/setup.sh --text   # + KJV and WEB Bibles from Debian (the offline T5 text tasks)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH_DATA=0
-[ "${1:-}" = "--data" ] && WITH_DATA=1
+WITH_TEXT=0
+for arg in "$@"; do
+  case "$arg" in
+    --data) WITH_DATA=1 ;;
+    --text) WITH_TEXT=1 ;;
+    *) echo "setup: unknown option $arg (use --data and/or --text)" >&2; exit 2 ;;
+  esac
+done
+if [ "$WITH_TEXT" = 1 ] && ! { command -v bible >/dev/null && command -v diatheke >/dev/null; }; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "setup: installing Debian packages bible-kjv sword-text-web diatheke"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq bible-kjv sword-text-web diatheke >/dev/null || {
+    echo "setup: could not apt-get install bible-kjv sword-text-web diatheke (needs root)." >&2; exit 1; }
+fi
 if [ "$WITH_DATA" = 1 ] && [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   echo "setup: installing Debian package dataset-fashion-mnist (31 MB)"

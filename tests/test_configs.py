@@ -22,6 +22,8 @@ CASES = [(os.path.basename(f), '') for f in CONFIG_FILES] + [
     ('vit_fashion_mnist.py', 'recipe=step'),
     ('vit_fashion_mnist.py', 'recipe=mdgf_sdgf,nm=1:16,layers=mlp_qkv'),
     ('vit_imagenet.py', 'recipe=srste,nm=2:4,layers=mlp_qkv'),
+    ('t5_c4.py', 'recipe=step'),  # STEP switches T5X's Adafactor to AdamW.
+    ('t5_bible.py', 'recipe=sdgf,layers=all'),
 ]
 
 
@@ -81,3 +83,13 @@ def test_swinv2_runlocal_trains_end_to_end(fmnist_source, tmp_path):
   final = train_lib.train_and_evaluate(config, str(tmp_path / 'swin'))
   assert final['step'] == 6 and final['nm_valid'] == 1.0
   assert final['sparsity'] == pytest.approx(0.875) and final['eval_examples'] == 64
+
+
+def test_t5_c4_config_mirrors_t5x_pretraining():
+  c = load('t5_c4.py', '')
+  assert (c.model.variant, c.model.vocab_size, c.model.dropout_rate, c.z_loss) == ('base', 32128, 0.0, 1e-4)
+  assert (c.data.name, c.data.inputs_length, c.data.targets_length) == ('c4/en:3.1.0', 512, 114)
+  assert (c.data.noise_density, c.data.mean_span_length, c.batch_size) == (0.15, 3.0, 256)
+  assert (c.optimizer.name, c.optimizer.schedule, c.optimizer.lr, c.optimizer.warmup_steps) == (
+      'adafactor', 'rsqrt', 1e-2, 10_000)
+  assert c.sparsity.layers == 'all' and load('t5_c4.py', 'recipe=step').optimizer.name == 'adamw'

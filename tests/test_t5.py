@@ -22,7 +22,7 @@ PUBLISHED = {
     'base': 247_577_856,
     'large': 783_150_080,
 }
-SMALL = {'tiny': 100}  # Variants with no published count -> vocab used in the test.
+SMALL = {'tiny': 100, 'mini': 300}  # Variants with no published count -> vocab used in the test.
 V = 12  # Vocabulary of the tiny models below.
 
 
@@ -126,6 +126,11 @@ def test_published_parameter_counts(variant):
   c = t5_config(variant)
   assert hand_count(32128, **c) == PUBLISHED[variant]
   assert count(abstract_params(make_t5(variant))) == PUBLISHED[variant]
+
+
+def test_mini_parameter_count():
+  assert count(abstract_params(make_t5('mini', vocab_size=SMALL['mini']))) == hand_count(
+      SMALL['mini'], **t5_config('mini'))
 
 
 def test_tiny_parameter_count_and_kernel_shapes():

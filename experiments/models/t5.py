@@ -52,10 +52,12 @@ Dtype = Any
 
 # name -> architecture. small/base/large are the T5.1.1 checkpoints (vocab 32128 by
 # default in make_t5); note that T5.1.1 small has 6 heads (6 * 64 = 384 < d_model),
-# which is what its published parameter count needs. 'tiny' is a CPU-sized model.
+# which is what its published parameter count needs. 'tiny' and 'mini' are CPU-sized models.
 VARIANTS: dict[str, dict[str, int]] = {
     'tiny': dict(d_model=64, d_ff=128, num_heads=4, d_kv=16, num_encoder_layers=2,
                  num_decoder_layers=2),
+    'mini': dict(d_model=128, d_ff=512, num_heads=4, d_kv=32, num_encoder_layers=3,
+                 num_decoder_layers=3),
     'small': dict(d_model=512, d_ff=1024, num_heads=6, d_kv=64, num_encoder_layers=8,
                   num_decoder_layers=8),
     'base': dict(d_model=768, d_ff=2048, num_heads=12, d_kv=64, num_encoder_layers=12,

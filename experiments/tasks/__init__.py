@@ -18,6 +18,10 @@ class Task:
   - ``loss_fn(model, params, batch, rng, train, config) -> (mean loss, {metric: sum}, count)``
   - ``preset_kwargs``: axes of this family's kernels for ``nmsparse.preset``
   - ``eval_metric``: the metric the results tables report (higher is better)
+  - ``derived_metrics(metrics) -> metrics``: optional, adds metrics computed from the
+    averaged ones (e.g. perplexity from the loss)
+  - ``decode_metrics(setup, params, eval_input) -> {metric: value}``: optional, metrics
+    of generated outputs (e.g. BLEU of greedy decodes), computed after the summed ones
   """
 
   name: str
@@ -28,6 +32,12 @@ class Task:
   loss_fn: Callable[..., Any]
   preset_kwargs: dict = dataclasses.field(default_factory=dict)
   eval_metric: str = 'accuracy'
+  count_unit: str = 'examples'  # What ``loss_fn``'s count counts (the text tasks: target tokens).
+  derived_metrics: Callable[[dict], dict] | None = None
+  decode_metrics: Callable[..., dict] | None = None
+
+
+NAMES = ('classification', 'span_corruption', 'seq2seq')
 
 
 def get_task(name: str) -> Task:
@@ -35,4 +45,7 @@ def get_task(name: str) -> Task:
   if name == 'classification':
     from experiments.tasks import classification  # pylint: disable=g-import-not-at-top
     return classification.TASK
-  raise ValueError(f'Unknown task {name!r}; known: classification.')
+  if name in ('span_corruption', 'seq2seq'):
+    from experiments.tasks import text  # pylint: disable=g-import-not-at-top
+    return text.SPAN_CORRUPTION if name == 'span_corruption' else text.SEQ2SEQ
+  raise ValueError(f'Unknown task {name!r}; known: {list(NAMES)}.')

@@ -56,10 +56,17 @@ def train_vocab(texts: Iterable[str], model_path: str | os.PathLike, vocab_size:
 def load_vocab(path: str | os.PathLike) -> spm.SentencePieceProcessor:
   """The SentencePiece model at ``path`` (checked to follow T5's pad/eos/unk ids)."""
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if '://' in path:  # gs://... and other remote paths, through etils (a tfds dependency).
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    remote = epath.Path(path)
+    if not remote.exists():
+      raise FileNotFoundError(f'No SentencePiece model at {path}.')
+    sp = spm.SentencePieceProcessor(model_proto=remote.read_bytes())
+  elif not os.path.isfile(path):
     raise FileNotFoundError(f'No SentencePiece model at {path}; train one with '
                             '`python -m experiments.data.text.vocab --data_dir=DATA_DIR`.')
-  sp = spm.SentencePieceProcessor(model_file=path)
+  else:
+    sp = spm.SentencePieceProcessor(model_file=path)
   got = (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id())
   if got != (PAD_ID, EOS_ID, UNK_ID, -1):
     raise ValueError(f'{path}: (pad, eos, unk, bos) ids are {got}, not T5\'s (0, 1, 2, -1).')
