@@ -53,14 +53,19 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
   return config
 
 
-def _resolve(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
-  """``config`` over the defaults; an unknown field (a typo) raises."""
-  fields = default_config().to_dict()
+def over_defaults(config: ml_collections.ConfigDict | dict[str, Any], defaults: ml_collections.ConfigDict,
+                  what: str = 'data') -> dict[str, Any]:
+  """``config`` over ``defaults`` as a dict; an unknown field (a typo) raises."""
+  fields = defaults.to_dict()
   given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
   unknown = sorted(set(given) - set(fields))
   if unknown:
-    raise ValueError(f'Unknown data config fields {unknown}; known: {sorted(fields)}.')
+    raise ValueError(f'Unknown {what} config fields {unknown}; known: {sorted(fields)}.')
   return {**fields, **given}
+
+
+def _resolve(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
+  return over_defaults(config, default_config())
 
 
 class InputIterator:

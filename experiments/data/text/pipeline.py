@@ -72,12 +72,7 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 
 def _resolve(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:
-  fields = default_config().to_dict()
-  given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-  unknown = sorted(set(given) - set(fields))
-  if unknown:
-    raise ValueError(f'Unknown text data config fields {unknown}; known: {sorted(fields)}.')
-  cfg = {**fields, **given}
+  cfg = image_pipeline.over_defaults(config, default_config(), 'text data')
   if cfg['objective'] not in OBJECTIVES:
     raise ValueError(f"data.objective={cfg['objective']!r}; choose one of {OBJECTIVES}.")
   if cfg['inputs_length'] < 4:
