@@ -7,6 +7,7 @@ from typing import Any
 import ml_collections
 
 import nmsparse
+from experiments import init_from
 
 ph = ml_collections.config_dict.placeholder
 
@@ -78,3 +79,4 @@ def run_defaults(config: ml_collections.ConfigDict) -> None:
   config.diagnostics_microbatches = 4  # Gradient noise from 4 microbatch gradients (0: skip).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.abstract_lowering_only = False
+  config.init_from = init_from.default_config()  # Params from another run's checkpoint (fine-tuning).

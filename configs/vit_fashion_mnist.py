@@ -16,6 +16,8 @@ Hardware: 2 CPU cores. Expected (measured, README results table): 2,340 steps in
 
 import ml_collections
 
+import nmsparse
+
 from configs import common
 from experiments.data import pipeline
 
@@ -36,13 +38,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = a.seed
   c.total_epochs = a.epochs
   # Dense warm-up 10 %, the recipe, then a 10 % fine-tune at the final N:M.
-  # Exponential rate 2e-3: a(t) = 0.26 after 900 sparse steps and 0.024 at the end of the sparse
-  # phase (1,872 steps) of the default run; the fine-tune then trains the hard N:M model.
-  # Linear: a(t) reaches 0 at 80 % of the sparse phase, whatever the run length.
+  # Decay rates scale with the run length, so a sweep of short runs keeps the same a(t) shape.
+  # Exponential: a(t) = 0.024 at the end of the sparse phase (rate 2e-3 over the 1,872 sparse
+  # steps of the default 5 epochs); the fine-tune then trains the hard N:M model.
+  # Linear: a(t) reaches 0 at 80 % of the sparse phase.
   sparse_steps = 0.8 * a.epochs * (60_000 // 128)
-  rate = 1.0 / (0.8 * sparse_steps) if a.decay == 'linear' else 2e-3
+  rate = 1.0 / (0.8 * sparse_steps) if a.decay == 'linear' else 2e-3 * 1872 / sparse_steps
+  # SDGF-geometric starts at (2^L N):(2^L M); its M must divide the 64-wide contraction of the
+  # mu models' kernels, so L = 3 stages before the target where they fit, fewer at 1:16 and 1:32.
+  _, m = nmsparse.parse_nm(a.nm)
+  levels = max(1, min(3, (64 // m).bit_length() - 1)) if a.structure in ('geometric', 'densify') else 3
   c.sparsity = common.sparsity(a.recipe, a.nm, a.layers, dense_frac=0.1, finetune_frac=0.1,
-                               **{'decay.kind': a.decay, 'decay.rate': rate, 'structure.kind': a.structure})
+                               **{'decay.kind': a.decay, 'decay.rate': rate, 'structure.kind': a.structure,
+                                  'structure.levels': levels})
   c.optimizer = common.optimizer(1e-3, wd=1e-4, clip=1.0, warmup_epochs=0.5)
   c.log_every_steps = 100
   c.eval_every_steps = 1000

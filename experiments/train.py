@@ -23,6 +23,7 @@ import optax
 
 import nmsparse
 from experiments import checkpoints
+from experiments import init_from as init_from_lib
 from experiments import optimizer as optimizer_lib
 from experiments import reporting
 from experiments import state as state_lib
@@ -107,6 +108,26 @@ def create_state(s: Setup, rng: jax.Array) -> state_lib.TrainState:
   batch = s.task.dummy_batch(s.config, 2)
   return jax.jit(functools.partial(_create_state, s.task, s.model, s.sp, s.tx, batch),
                  out_shardings=s.shardings)(rng)
+
+
+def initial_state(s: Setup, rng: jax.Array) -> state_lib.TrainState:
+  """A fresh state; with ``config.init_from``, its params come from another run's checkpoint.
+
+  The checkpoint is read and matched against the model's parameter shapes before anything
+  is compiled; optimizer and sparsity state are then initialised from the loaded params.
+  """
+  if not init_from_lib.enabled(s.config):
+    return create_state(s, rng)
+  c = s.config.init_from
+  merged, _ = init_from_lib.merge(s.abstract_state.params, init_from_lib.load_params(c.path, c.step),
+                                  c.include)
+  fresh = create_state(s, rng)
+  params = jax.tree.map(lambda m, f: f if isinstance(m, jax.ShapeDtypeStruct) else m, merged, fresh.params)
+
+  def restart(params):
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                opt_state=s.tx.init(params), sparsity=s.sp.init(params))
+  return jax.jit(restart, out_shardings=s.shardings)(params)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -239,7 +260,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           s.abstract_state, s.shardings)
   restored = ckpt.restore_latest(abstract, meta)
   if restored is None:
-    state = create_state(s, jax.random.key(config.seed))
+    state = initial_state(s, jax.random.key(config.seed))
     data_state = None
   else:
     state, data_state, _ = restored
