@@ -220,7 +220,8 @@ def fig_dynamics(title: str, records: Sequence[tables.Record], nm: str, path: st
   if not by_row:
     return None
   plt = _pyplot()
-  fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+  fig, axes = plt.subplots(2, 2, figsize=(13, 7.5), sharex=True)
+  legend: dict[str, object] = {}  # One figure legend: a recipe per colour.
   for ax, (panel, ylabel, keys, log) in zip(axes.flat, DYNAMICS):
     drawn = False
     for row in sorted(by_row, key=tables.row_sort_key):
@@ -235,9 +236,8 @@ def fig_dynamics(title: str, records: Sequence[tables.Record], nm: str, path: st
           steps, mean = steps[keep], mean[keep]
           if not steps.size:
             continue
-        which = 'kept' if '/kept_' in key else 'pruned' if '/pruned_' in key else ''
-        lab = f'{tables.row_label(row)} {which} (n={len(curves)})'.replace('  ', ' ')
-        ax.plot(steps, mean, ls=style, color=color(row[0]), lw=1.2, label=lab)
+        line, = ax.plot(steps, mean, ls=style, color=color(row[0]), lw=1.2)
+        legend.setdefault(f'{tables.row_label(row)} (n={len(curves)})', line)
         drawn = True
     ax.set_title(panel, fontsize=9)
     ax.set_ylabel(ylabel)
@@ -245,7 +245,6 @@ def fig_dynamics(title: str, records: Sequence[tables.Record], nm: str, path: st
     if drawn:
       if log:
         ax.set_yscale('log')
-      ax.legend(fontsize=6, loc='best')
     else:
       ax.text(0.5, 0.5, f'not logged ({", ".join(k for k, _ in keys)})', ha='center', va='center',
               transform=ax.transAxes, fontsize=8)
@@ -253,7 +252,9 @@ def fig_dynamics(title: str, records: Sequence[tables.Record], nm: str, path: st
     ax.set_xlabel('training step')
   fig.suptitle(f'{title}\nN:M {nm}: mask flips and kept (solid) vs pruned (dashed) gradients, '
                'mean over seeds', fontsize=10)
-  fig.tight_layout()
+  if legend:
+    fig.legend(list(legend.values()), list(legend), loc='center right', fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0, 0.8 if legend else 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
