@@ -24,6 +24,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nmsparse import rules
+
 PyTree = Any
 
 
@@ -75,14 +77,7 @@ def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
   if not isinstance(state, dict) or 'params' not in state:
     raise ValueError(f'checkpoint {directory}/{step} has no params item; is it a checkpoint of this codebase?')
   logging.info('init_from: loading params of step %d from %s', step, directory)
-  return {name: np.asarray(x) for name, x in flatten(state['params']).items()}
-
-
-def flatten(tree: PyTree) -> dict[str, Any]:
-  """``{'a/b/kernel': leaf}`` for a nested dict of params."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): leaf
-          for path, leaf in leaves}
+  return {name: np.asarray(x) for name, x in rules.named_leaves(state['params'])}
 
 
 def merge(params: PyTree, source: dict[str, np.ndarray], include: str = '.*') -> tuple[PyTree, list[str]]:
@@ -92,22 +87,19 @@ def merge(params: PyTree, source: dict[str, np.ndarray], include: str = '.*') ->
   another shape is an error that names it.
   """
   pattern = re.compile(include)
-  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-  names = list(flatten(params))
+  named = rules.named_leaves(params)
   loaded, missing, mismatched, leaves = [], [], [], []
-  for name, (_, leaf) in zip(names, paths):
-    if not pattern.fullmatch(name):
-      leaves.append(leaf)
-      continue
-    if name not in source:
+  for name, leaf in named:
+    value = source.get(name) if pattern.fullmatch(name) else None
+    if pattern.fullmatch(name) and value is None:
       missing.append(name)
-      leaves.append(leaf)
-      continue
-    value = source[name]
-    if value.shape != leaf.shape:
+    elif value is not None and value.shape != leaf.shape:
       mismatched.append(f'{name}: checkpoint {value.shape} vs model {leaf.shape}')
-    leaves.append(value.astype(leaf.dtype))
-    loaded.append(name)
+    if value is None:
+      leaves.append(leaf)
+    else:
+      leaves.append(value.astype(leaf.dtype))
+      loaded.append(name)
   if missing:
     raise ValueError(f'init_from: {len(missing)} parameter(s) matched by include={include!r} are not in '
                      f'the checkpoint, e.g. {missing[:5]}; narrow init_from.include to the shared ones.')
@@ -116,8 +108,8 @@ def merge(params: PyTree, source: dict[str, np.ndarray], include: str = '.*') ->
                      'use the source run\'s model variant and vocabulary size, or exclude them with '
                      'init_from.include.')
   if not loaded:
-    raise ValueError(f'init_from.include={include!r} matches none of the model\'s parameters, e.g. {names[:3]}.')
+    raise ValueError(f'init_from.include={include!r} matches none of the model\'s parameters, e.g. {[n for n, _ in named[:3]]}.')
   unused = sorted(set(source) - set(loaded))
   logging.info('init_from: loaded %d of %d parameters; %d of the checkpoint\'s unused%s', len(loaded),
-               len(names), len(unused), f' (e.g. {unused[:3]})' if unused else '')
-  return jax.tree_util.tree_unflatten(treedef, leaves), loaded
+               len(named), len(unused), f' (e.g. {unused[:3]})' if unused else '')
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves), loaded
