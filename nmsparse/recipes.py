@@ -297,11 +297,12 @@ class Sparsifier:
     """Per branch (dense, each sparse stage, fine-tune): ``(mask_fn, op)`` over one kernel.
 
     ``mask_fn(spec, w, key)`` gives the keep-mask (None when dense) and
-    ``op(w, mask)`` the effective kernel.
+    ``op(w, mask)`` the effective kernel. Mask functions are :class:`_MaskFn`:
+    equal ones compute the same mask, which lets ``_switch`` drop the switch.
     """
     r = self.recipe
 
-    def stored(s, w, key):
+    def stored_fn(s, w, key):
       if 'masks' not in state:  # A frozen fine-tune outside the run (`finetune` of 0 steps): the
         return masks_lib.nm_mask(w, s.n, s.m, s.axes)  # switch still traces its branch.
       return state['masks'][key]
@@ -318,8 +319,10 @@ class Sparsifier:
       def fn(s, w, key):
         n, m = self.stage_patterns(s)[k]
         return masks_lib.nm_mask(w, n, m, s.axes)
-      return fn
+      return _MaskFn('stage', k, fn) if r.structure is not None else target
 
+    target = _MaskFn('target', None, lambda s, w, key: masks_lib.nm_mask(w, s.n, s.m, s.axes))
+    stored = _MaskFn('stored', None, stored_fn)
     if r.name in _STATEFUL:
       sparse = [(stored, ops.hard_mask)] * self.num_stages
     else:
@@ -327,14 +330,18 @@ class Sparsifier:
     if r.name in _STATEFUL or r.finetune_mask == 'frozen':
       finetune = (stored, ops.hard_mask)
     else:
-      finetune = (lambda s, w, key: masks_lib.nm_mask(w, s.n, s.m, s.axes), ops.ste)
-    return [(lambda s, w, key: None, None)] + sparse + [finetune]
+      finetune = (target, ops.ste)
+    return [(_MaskFn('none', None, lambda s, w, key: None), None)] + sparse + [finetune]
 
-  def _switch(self, params, state, step, opt_state, leaf_fn, branches=None):
+  def _switch(self, params, state, step, opt_state, leaf_fn, branches=None, select=False):
     """Runs ``leaf_fn(mask_fn, op, spec, w, key)`` on sparsified leaves in the branch of ``step``.
 
     Only the sparsified leaves go through ``lax.switch`` (the others are returned
     as they are), and the switch is skipped when a single branch is reachable.
+    ``select=True`` (for cheap, e.g. boolean, leaf results) also skips it when
+    every reachable non-dense branch is the same: the dense and that branch's
+    results are both computed and selected elementwise, which XLA fuses into
+    their consumers instead of materialising a conditional's outputs.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     specs = rules_lib.spec_leaves(self.specs)
@@ -345,11 +352,19 @@ class Sparsifier:
     def make(mask_fn, op):
       return lambda ws: [leaf_fn(mask_fn, op, specs[i], w, keys[i]) for i, w in zip(idx, ws)]
 
-    branches = [make(*b) for b in (branches or self._branches(step, state))]
+    raw = branches or self._branches(step, state)
+    branches = [make(*b) for b in raw]
     reachable = self._reachable_branches()
     sparse = [leaves[i] for i in idx]
+    nondense = {raw[b] for b in reachable if b != 0}
     if len(reachable) == 1:
       sparse = branches[reachable[0]](sparse)
+    elif select and sparse and len(nondense) == 1:
+      out = branches[next(b for b in reachable if b != 0)](sparse)
+      if 0 in reachable:
+        dense_now = self.branch(step, opt_state) == 0
+        out = [jnp.where(dense_now, d, x) for d, x in zip(branches[0](sparse), out)]
+      sparse = out
     elif sparse:
       sparse = lax.switch(self.branch(step, opt_state), branches, sparse)
     out = list(leaves)
@@ -379,7 +394,7 @@ class Sparsifier:
     # has no conditional at all.
     masks = self._switch(params, state, step, opt_state,
                          lambda mask_fn, op, s, w, key: _mask_or_ones(mask_fn(s, w, key), w),
-                         branches)
+                         branches, select=True)
     return rules_lib.map_sparse(lambda s, w, mask: op(w, mask), self.specs, params, masks)
 
   def masks(self, params: PyTree, state: dict, step: jax.Array, opt_state: PyTree = None) -> PyTree:
@@ -391,7 +406,7 @@ class Sparsifier:
     if self.recipe.name == 'dense':
       return rules_lib.map_sparse(lambda s, w: jnp.ones(w.shape, bool), self.specs, params,
                                   dense=lambda w: None)
-    out = self._switch(params, state, step, opt_state, leaf)
+    out = self._switch(params, state, step, opt_state, leaf, select=True)
     return rules_lib.map_sparse(lambda s, m: m, self.specs, out, dense=lambda w: None)
 
   def _reachable_branches(self) -> list[int]:
@@ -421,6 +436,18 @@ class Sparsifier:
                                is_leaf=lambda x: x is None or isinstance(x, rules_lib.NMSpec))
     return step_optimizer.scale_by_step_adam(b1=b1, b2=b2, eps=eps, sparse_mask=sparse_mask,
                                         **self.recipe.step_kwargs, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MaskFn:
+  """A branch's keep-mask of one kernel: ``fn(spec, w, key)``; equal instances give equal masks."""
+
+  kind: str  # 'none' (dense) | 'target' (N:M of the spec) | 'stage' (SDGF stage) | 'stored'
+  stage: Optional[int]
+  fn: Callable = dataclasses.field(compare=False)
+
+  def __call__(self, s, w, key):
+    return self.fn(s, w, key)
 
 
 # Ops with op(w, all-True mask) == w bit for bit, forward and backward.

@@ -2,7 +2,7 @@
 
 Two phases, one global and one-way switch between them:
 
-* Precondition phase: exactly ``optax.scale_by_adam`` on every parameter,
+* Precondition phase: ``optax.scale_by_adam`` on every parameter,
   ``m_t = b1 m_{t-1} + (1 - b1) g_t``, ``v_t = b2 v_{t-1} + (1 - b2) g_t^2``,
   ``u_t = m_hat_t / (sqrt(v_hat_t + eps_root) + eps)``. For the N:M-sparsified
   leaves AutoSwitch records ``Z_t = mean |v_t - v_{t-1}|`` (over all their
@@ -22,12 +22,14 @@ reads the phase with :func:`switched` (a traced boolean) to turn the mask on.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 _STATISTICS = ('mean', 'geomean')
 _TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -138,6 +140,12 @@ def _window_mean(z_window: jax.Array, z_count: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(valid, z_window, 0.0)) / n.astype(jnp.float32)
 
 
+@functools.partial(jax.jit, inline=True)
+def _debias(decay, count):
+  """``1 - decay**count``, computed as ``optax.tree.bias_correction`` computes it."""
+  return 1 - decay**count
+
+
 # --------------------------------------------------------------------------- #
 # Transformation.
 
@@ -159,8 +167,9 @@ def scale_by_step_adam(
 ) -> optax.GradientTransformation:
   r"""Adam that freezes the second moment of the N:M-sparse leaves (STEP).
 
-  Before the switch this is ``optax.scale_by_adam`` bit for bit. AutoSwitch
-  records, per step, ``Z_t = mean |v_t - v_{t-1}|`` over all elements of the
+  Before the switch this is ``optax.scale_by_adam``: the moments bit for bit,
+  the update to within a few ulp (the sparse leaves divide by a selected
+  bias-correction scalar in one fused in-place pass). AutoSwitch records, per step, ``Z_t = mean |v_t - v_{t-1}|`` over all elements of the
   sparse leaves (``statistic='geomean'``: ``exp(mean log(|dv| + tiny))``) and
   fires at the end of step ``t`` if ``t > t_max`` or
   ``(Zbar_t < threshold and t > t_min)``, ``Zbar_t`` being the mean of the last
@@ -168,6 +177,9 @@ def scale_by_step_adam(
   the tested quantity is ``Zbar_t / mean(v_t)`` (raw ``v`` of the sparse
   leaves). After the switch the sparse leaves use
   ``m_hat_t / (sqrt(v_T0 / (1 - b2^T0) + eps_root) + frozen_eps)``.
+
+  Cost: once switched, the step costs what Adam's does (one pass over
+  ``g, m, v``); before, Z adds one read of ``g`` and ``v`` of the sparse leaves.
 
   Args:
     b1, b2, eps, eps_root: as in ``optax.scale_by_adam``.
@@ -219,44 +231,50 @@ def scale_by_step_adam(
     nu_adam = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
     count_inc = optax.safe_increment(state.count)
     mu_hat = optax.tree.bias_correction(mu, b1, count_inc)
-
     nu_hat = optax.tree.bias_correction(nu_adam, b2, count_inc)
 
-    # Sparse leaves, once switched: v frozen at v_T0, bias-corrected with T0.
-    # (Bias corrections act on whole trees as in optax: XLA may round a
-    # per-leaf division differently from the same division in a tree.)
+    # AutoSwitch: Z_t over the sparse leaves, computed only while not switched. It
+    # recomputes v_t from (g_t, v_{t-1}), and the barrier below orders it before the
+    # in-place update of v: no copy of v, and no pass over it once switched.
     nu_old = treedef.flatten_up_to(state.nu)
-    frozen_hat = optax.tree.bias_correction(
-        [v for f, v in zip(flags, nu_old) if f], b2, jnp.maximum(state.switch_step, 1))
-    frozen_hat = iter(frozen_hat)
-    eps_sparse = eps if frozen_eps is None else jnp.where(was, frozen_eps, eps)
+    sparse_g = [g for f, g in zip(flags, treedef.flatten_up_to(updates)) if f]
+    sparse_old = [v for f, v in zip(flags, nu_old) if f]
+    size = sum(v.size for v in sparse_old)
+
+    def statistics():
+      new = optax.tree.cast_like(
+          optax.tree.update_moment_per_elem_norm(sparse_g, sparse_old, b2, 2), sparse_old)
+      def total(fn, leaves):
+        return sum(jnp.sum(fn(*x), dtype=jnp.float32) for x in zip(*leaves)) / size
+      absdv = lambda a, b: jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))
+      if statistic == 'mean':
+        z = total(absdv, (new, sparse_old))
+      else:
+        z = jnp.exp(total(lambda a, b: jnp.log(absdv(a, b) + _TINY), (new, sparse_old)))
+      mean_v = total(lambda a: a.astype(jnp.float32), (new,)) if scale_free else jnp.float32(1)
+      return z.astype(jnp.float32), mean_v
+
+    nan = jnp.float32(jnp.nan)
+    z, mean_v = (nan, nan) if size == 0 else lax.cond(was, lambda: (nan, nan), statistics)
+    frozen, z, mean_v = lax.optimization_barrier((was, z, mean_v))
+
+    # Sparse leaves, once switched: v frozen at v_T0, bias-corrected with T0. Per
+    # leaf one elementwise expression of (g, m_old, v_old), as in Adam, so XLA fuses
+    # it into one in-place pass with no copy of v. (Dividing by the selected scalar
+    # may round the last bit differently from optax's tree-wide division.)
+    bc = jnp.where(frozen, _debias(b2, jnp.maximum(state.switch_step, 1)), _debias(b2, count_inc))
+    eps_sparse = eps if frozen_eps is None else jnp.where(frozen, frozen_eps, eps)
     nu_new, out = [], []
     for flag, m, v, v_hat, v_old in zip(
         flags, treedef.flatten_up_to(mu_hat), treedef.flatten_up_to(nu_adam),
         treedef.flatten_up_to(nu_hat), nu_old):
       if flag:
-        v = jnp.where(was, v_old, v)
-        v_hat = jnp.where(was, next(frozen_hat), v_hat)
+        v = jnp.where(frozen, v_old, v)
+        v_hat = v / bc.astype(v.dtype)
       out.append(m / (jnp.sqrt(v_hat + eps_root) + (eps_sparse if flag else eps)))
       nu_new.append(v)
     nu = optax.tree.cast_like(treedef.unflatten(nu_new), state.nu)
 
-    # AutoSwitch: Z_t over the sparse leaves, recorded while not switched.
-    sparse_new = [v for f, v in zip(flags, treedef.flatten_up_to(nu)) if f]
-    sparse_old = [v for f, v in zip(flags, nu_old) if f]
-    size = sum(v.size for v in sparse_new)
-    if size == 0:
-      z = mean_v = jnp.float32(jnp.nan)
-    else:
-      def total(fn, leaves):
-        return sum(jnp.sum(fn(*x), dtype=jnp.float32) for x in zip(*leaves)) / size
-      absdv = lambda a, b: jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))
-      if statistic == 'mean':
-        z = total(absdv, (sparse_new, sparse_old))
-      else:
-        z = jnp.exp(total(lambda a, b: jnp.log(absdv(a, b) + _TINY),
-                          (sparse_new, sparse_old)))
-      mean_v = total(lambda a: a.astype(jnp.float32), (sparse_new,))
     window_len = state.z_window.shape[0]
     z_window = jnp.where(
         was, state.z_window,
@@ -306,7 +324,7 @@ def step_adam(
   ``u_t = -lr_t * (step_adam_t + weight_decay * p_t)`` (decoupled decay as in
   ``optax.adamw``, applied where ``weight_decay_mask`` is True; by default to
   every leaf). With no switch and ``weight_decay=0`` it equals ``optax.adam``
-  bit for bit. The STEP options are explicit keywords (not ``**kwargs``) so
+  up to float rounding. The STEP options are explicit keywords (not ``**kwargs``) so
   ``optax.inject_hyperparams(step_adam)`` works; pass a callable
   ``sparse_mask`` through ``static_args`` there.
   """
