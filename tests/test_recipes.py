@@ -216,6 +216,45 @@ def test_step_recipe_turns_the_mask_on_at_the_switch():
     sp.apply(params, {}, 4)
 
 
+@pytest.mark.parametrize('name, kw, sparse_step', [
+    ('step', {'step.t_min_steps': 0, 'step.t_max_steps': 3, 'step.threshold': 0.0}, None),
+    ('ste', {'dense_steps': 10, 'finetune_frac': 0.2}, 50),
+    ('oneshot', {'dense_steps': 10}, 50),
+])
+def test_one_mask_recipes_select_the_dense_phase_without_a_switch(name, kw, sparse_step):
+  """Dense phase and one shared sparse mask: an elementwise select, no lax.cond/switch.
+
+  Values and gradients still follow the phase: w and dL/dw = C dense, the N:M mask
+  with a straight-through (STE) or masked (hard mask) gradient when sparse.
+  """
+  sp = sparsifier(name, **kw)
+  params = make_params()
+  state = sp.init(params)
+  opt = None
+  if name == 'step':
+    tx = optax.chain(sp.scale_by_adam(), optax.scale(-0.1))
+    opt = tx.init(params)
+  jaxpr = str(jax.make_jaxpr(lambda p, st, o: sp.apply(p, st, 5, o))(params, state, opt))
+  assert ' cond[' not in jaxpr and 'switch' not in jaxpr
+  w = np.asarray(params['fc1']['kernel'])
+  dense = sp.apply(params, sp.update(params, state, 5), 5, opt)
+  np.testing.assert_array_equal(dense['fc1']['kernel'], w)
+  np.testing.assert_array_equal(grads_at(sp, params, 5, state, opt)['fc1']['kernel'],
+                                COEF['fc1']['kernel'])
+  if name == 'step':
+    for _ in range(4):
+      opt = tx.update(params, opt, params)[1]
+    sparse_step = 5
+  else:
+    state = sp.update(params, state, 10)  # One-shot takes its mask here.
+  eff = sp.apply(params, sp.update(params, state, sparse_step), sparse_step, opt)
+  mk = np_mask(w, 1, 4)
+  np.testing.assert_array_equal(eff['fc1']['kernel'], np.where(mk, w, 0))
+  g = grads_at(sp, params, sparse_step, state, opt)['fc1']['kernel']
+  want = np.where(mk, COEF['fc1']['kernel'], 0) if name == 'oneshot' else COEF['fc1']['kernel']
+  np.testing.assert_array_equal(g, want)
+
+
 def test_state_round_trips_through_orbax(tmp_path):
   ocp = pytest.importorskip('orbax.checkpoint')
   sp = sparsifier('oneshot')
