@@ -13,7 +13,7 @@ from nmsparse.flax_adapters import (SparseModule, nnx_apply_fn, nnx_call, nnx_sp
                                     sparse_apply_fn, sparsify_module)
 from nmsparse.flops import inference_macs, training_flops
 from nmsparse.masks import argsort_mask, check_nm, nm_mask, topk_mask
-from nmsparse.ops import hard_mask, mdgf, srste, ste
+from nmsparse.ops import flow, hard_mask, mdgf, srste, ste
 from nmsparse.recipes import RECIPES, Recipe, Sparsifier, make_sparsifier, recipe_config
 from nmsparse.rules import NMSpec, parse_nm, preset, resolve
 from nmsparse.schedules import Decay, Phases, Structure

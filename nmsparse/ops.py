@@ -2,7 +2,7 @@
 
 Notation: ``w`` dense weights (what the optimizer updates), ``mask`` the boolean
 keep-mask (1 kept, 0 pruned), ``g = dL/dw~`` the gradient reaching the effective
-weight ``w~`` used in the forward pass. Each op is a ``jax.custom_vjp``:
+weight ``w~`` used in the forward pass:
 
 ==================  ===============================  ====================================
 op                  forward ``w~``                   gradient reaching ``w``
@@ -15,11 +15,18 @@ op                  forward ``w~``                   gradient reaching ``w``
 ==================  ===============================  ====================================
 
 The mask receives no gradient; the decay ``a`` receives none either.
+
+Every op is one setting of the scalars ``(fwd, bwd, lam)`` of :func:`flow`, one
+``jax.custom_vjp``: ``hard_mask`` ``(0, 0, 0)``, ``ste`` ``(0, 1, 0)``, ``srste``
+``(0, 1, lam)``, ``mdgf`` ``(a, 1, 0)`` or ``(a, a, 0)``, and a dense weight
+``(1, 1, 0)``. A train step selects the scalars by phase, so one op serves every
+phase with no switch.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,60 +40,19 @@ def _masked(w, mask):
   return jnp.where(mask, w, jnp.zeros((), w.dtype))
 
 
-@jax.custom_vjp
 def hard_mask(w: jax.Array, mask: jax.Array) -> jax.Array:
   """Forward ``mask * w``; backward ``mask * g`` (pruned weights get no gradient)."""
-  return _masked(w, mask)
+  return flow(w, mask, 0.0, 0.0)
 
 
-def _hard_fwd(w, mask):
-  return _masked(w, mask), mask
-
-
-def _hard_bwd(mask, g):
-  return _masked(g, mask), None
-
-
-hard_mask.defvjp(_hard_fwd, _hard_bwd)
-
-
-@jax.custom_vjp
 def ste(w: jax.Array, mask: jax.Array) -> jax.Array:
   """Straight-through estimator: forward ``mask * w``; backward ``g`` to every weight."""
-  return _masked(w, mask)
+  return flow(w, mask, 0.0, 1.0)
 
 
-def _ste_fwd(w, mask):
-  return _masked(w, mask), None
-
-
-def _ste_bwd(_, g):
-  return g, None
-
-
-ste.defvjp(_ste_fwd, _ste_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def srste(w: jax.Array, mask: jax.Array, lam: float = 2e-4) -> jax.Array:
+def srste(w: jax.Array, mask: jax.Array, lam: Any = 2e-4) -> jax.Array:
   """SR-STE (Zhou et al. 2021): forward ``mask * w``; backward ``g + lam * (1 - mask) * w``."""
-  return _masked(w, mask)
-
-
-def _srste_fwd(w, mask, lam):
-  return _masked(w, mask), (w, mask)
-
-
-def _srste_bwd(lam, res, g):
-  w, mask = res
-  return g + jnp.where(mask, jnp.zeros((), w.dtype), (lam * w).astype(g.dtype)), None
-
-
-srste.defvjp(_srste_fwd, _srste_bwd)
-
-
-def _decayed(x, mask, a):
-  return jnp.where(mask, x, (a * x).astype(x.dtype))
+  return flow(w, mask, 0.0, 1.0, lam)
 
 
 def mdgf(w: jax.Array, mask: jax.Array, a: jax.Array,
@@ -99,24 +65,60 @@ def mdgf(w: jax.Array, mask: jax.Array, a: jax.Array,
   """
   if backward not in MDGF_BACKWARDS:
     raise ValueError(f'Unknown MDGF backward {backward!r}; choose one of {MDGF_BACKWARDS}.')
-  return _mdgf(w, mask, a, backward)
+  return flow(w, mask, a, a if backward == 'decay_scaled' else 1.0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _mdgf(w, mask, a, backward):
-  return _decayed(w, mask, a)
+def flow(w: jax.Array, mask: jax.Array, fwd: Any = 0.0, bwd: Any = 1.0,
+         lam: Any = 0.0) -> jax.Array:
+  """The general gradient-flow op; the ops above are settings of its three scalars.
+
+  Forward ``w~ = where(mask, w, fwd * w)``; the gradient reaching ``w`` is
+  ``where(mask, g, bwd * g) + where(mask, 0, lam * w)``. ``fwd``, ``bwd`` and
+  ``lam`` may be traced scalars (a phase-dependent choice); Python numbers are
+  static, and the common values (``fwd`` 0 or 1, ``bwd`` 1, ``lam`` 0) compile to
+  no arithmetic at all. With ``fwd = bwd = 1`` and ``lam = 0`` it is the identity,
+  forward and backward, whatever the mask.
+  """
+  statics = tuple(_static(v) for v in (fwd, bwd, lam))
+  arrays = tuple(jnp.zeros((), jnp.float32) if st is not None else jnp.asarray(v)
+                 for st, v in zip(statics, (fwd, bwd, lam)))
+  return _flow(w, mask, *arrays, statics)
 
 
-def _mdgf_fwd(w, mask, a, backward):
-  res = (mask, a) if backward == 'decay_scaled' else None
-  return _decayed(w, mask, a), res
+def _static(v) -> Optional[float]:
+  """``float(v)`` for a Python number, None for an array (traced or not)."""
+  return float(v) if isinstance(v, (int, float)) else None
 
 
-def _mdgf_bwd(backward, res, g):
-  if backward == 'straight_through':
-    return g, None, None
-  mask, a = res
-  return _decayed(g, mask, a), None, jnp.zeros_like(a)
+def _scaled(x, mask, a, static):
+  """``where(mask, x, a * x)``, with the static cases a = 0 and a = 1 folded."""
+  if static == 1.0:
+    return x
+  if static == 0.0:
+    return _masked(x, mask)
+  a = a if static is None else static
+  return jnp.where(mask, x, (a * x).astype(x.dtype))
 
 
-_mdgf.defvjp(_mdgf_fwd, _mdgf_bwd)
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flow(w, mask, fwd, bwd, lam, statics):
+  return _scaled(w, mask, fwd, statics[0])
+
+
+def _flow_fwd(w, mask, fwd, bwd, lam, statics):
+  regularize = statics[2] != 0.0
+  res = (mask if regularize or statics[1] != 1.0 else None, bwd, lam, w if regularize else None,
+         (fwd, bwd, lam))
+  return _scaled(w, mask, fwd, statics[0]), res
+
+
+def _flow_bwd(statics, res, g):
+  mask, bwd, lam, w, scalars = res
+  dw = _scaled(g, mask, bwd, statics[1])
+  if w is not None:
+    lam = lam if statics[2] is None else statics[2]
+    dw = dw + jnp.where(mask, jnp.zeros((), g.dtype), (lam * w).astype(g.dtype))
+  return dw, None, *(jnp.zeros_like(x) for x in scalars)
+
+
+_flow.defvjp(_flow_fwd, _flow_bwd)

@@ -293,27 +293,27 @@ class Sparsifier:
     total = sum(size for _, size in pairs)
     return float(sum(size * n / m for (n, m), size in pairs) / total) if total else 1.0
 
-  def _branches(self, step, state) -> list[tuple[Callable, Callable]]:
-    """Per branch (dense, each sparse stage, fine-tune): ``(mask_fn, op)`` over one kernel.
+  def _branches(self, step, state) -> list[tuple['_MaskFn', '_Flow']]:
+    """Per branch (dense, each sparse stage, fine-tune): ``(mask_fn, flow)`` over one kernel.
 
-    ``mask_fn(spec, w, key)`` gives the keep-mask (None when dense) and
-    ``op(w, mask)`` the effective kernel. Mask functions are :class:`_MaskFn`:
-    equal ones compute the same mask, which lets ``_switch`` drop the switch.
+    ``mask_fn(spec, w, key)`` gives the keep-mask (None when dense; equal
+    :class:`_MaskFn` give equal masks) and ``flow`` the scalars of
+    :func:`nmsparse.ops.flow` that turn it into the effective kernel.
     """
     r = self.recipe
 
     def stored_fn(s, w, key):
       if 'masks' not in state:  # A frozen fine-tune outside the run (`finetune` of 0 steps): the
-        return masks_lib.nm_mask(w, s.n, s.m, s.axes)  # switch still traces its branch.
+        return masks_lib.nm_mask(w, s.n, s.m, s.axes)  # branch is still traced.
       return state['masks'][key]
 
     if r.name == 'srste' or (r.name == 'step' and r.step_srste):
-      sparse_op = lambda w, mask: ops.srste(w, mask, r.srste_lambda)
+      sparse_flow = _Flow(0.0, 1.0, float(r.srste_lambda))
     elif r.decay is not None:
       a = r.decay(self.phases.t(step))
-      sparse_op = lambda w, mask: ops.mdgf(w, mask, a.astype(w.dtype), r.mdgf_backward)
+      sparse_flow = _Flow(a, a if r.mdgf_backward == 'decay_scaled' else 1.0, 0.0)
     else:
-      sparse_op = ops.ste
+      sparse_flow = _STE
 
     def stage_mask(k):
       def fn(s, w, key):
@@ -324,90 +324,79 @@ class Sparsifier:
     target = _MaskFn('target', None, lambda s, w, key: masks_lib.nm_mask(w, s.n, s.m, s.axes))
     stored = _MaskFn('stored', None, stored_fn)
     if r.name in _STATEFUL:
-      sparse = [(stored, ops.hard_mask)] * self.num_stages
+      sparse = [(stored, _HARD)] * self.num_stages
     else:
-      sparse = [(stage_mask(k), sparse_op) for k in range(self.num_stages)]
+      sparse = [(stage_mask(k), sparse_flow) for k in range(self.num_stages)]
     if r.name in _STATEFUL or r.finetune_mask == 'frozen':
-      finetune = (stored, ops.hard_mask)
+      finetune = (stored, _HARD)
     else:
-      finetune = (target, ops.ste)
-    return [(_MaskFn('none', None, lambda s, w, key: None), None)] + sparse + [finetune]
+      finetune = (target, _STE)
+    return [(_MaskFn('none', None, lambda s, w, key: None), _DENSE)] + sparse + [finetune]
 
-  def _switch(self, params, state, step, opt_state, leaf_fn, branches=None, select=False):
-    """Runs ``leaf_fn(mask_fn, op, spec, w, key)`` on sparsified leaves in the branch of ``step``.
+  def _branch_masks(self, params, state, step, opt_state, branches, dense_ones: bool) -> list:
+    """Keep-masks of the sparsified leaves (flattened order) in the branch of ``step``.
 
-    Only the sparsified leaves go through ``lax.switch`` (the others are returned
-    as they are), and the switch is skipped when a single branch is reachable.
-    ``select=True`` (for cheap, e.g. boolean, leaf results) also skips it when
-    every reachable non-dense branch is the same: the dense and that branch's
-    results are both computed and selected elementwise, which XLA fuses into
-    their consumers instead of materialising a conditional's outputs.
+    One reachable mask function: computed directly, with no conditional (and all
+    True in the dense phase if ``dense_ones``). Several (SDGF's stages): a
+    ``lax.switch`` over the boolean masks only.
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
     specs = rules_lib.spec_leaves(self.specs)
-    leaves = [w for _, w in flat]
-    idx = [i for i, s in enumerate(specs) if s is not None]
-    keys = {i: rules_lib.path_str(flat[i][0]) for i in idx}
+    sparse = [(s, w, rules_lib.path_str(p)) for (p, w), s in zip(flat, specs) if s is not None]
+    if not sparse:
+      return []
 
-    def make(mask_fn, op):
-      return lambda ws: [leaf_fn(mask_fn, op, specs[i], w, keys[i]) for i, w in zip(idx, ws)]
+    def make(mask_fn):
+      return lambda: [_mask_or_ones(mask_fn(s, w, key), w) for s, w, key in sparse]
 
-    raw = branches or self._branches(step, state)
-    branches = [make(*b) for b in raw]
     reachable = self._reachable_branches()
-    sparse = [leaves[i] for i in idx]
-    nondense = {raw[b] for b in reachable if b != 0}
-    if len(reachable) == 1:
-      sparse = branches[reachable[0]](sparse)
-    elif select and sparse and len(nondense) == 1:
-      out = branches[next(b for b in reachable if b != 0)](sparse)
-      if 0 in reachable:
+    fns = {branches[b][0] for b in reachable if b != 0}
+    if not fns:
+      return make(branches[0][0])()
+    if len(fns) == 1:
+      out = make(fns.pop())()
+      if dense_ones and 0 in reachable:
         dense_now = self.branch(step, opt_state) == 0
-        out = [jnp.where(dense_now, d, x) for d, x in zip(branches[0](sparse), out)]
-      sparse = out
-    elif sparse:
-      sparse = lax.switch(self.branch(step, opt_state), branches, sparse)
-    out = list(leaves)
-    for i, w in zip(idx, sparse):
-      out[i] = w
-    return jax.tree_util.tree_unflatten(treedef, out)
+        out = [m | dense_now for m in out]
+      return out
+    return lax.switch(self.branch(step, opt_state), [make(m) for m, _ in branches])
 
   def apply(self, params: PyTree, state: dict, step: jax.Array, opt_state: PyTree = None) -> PyTree:
     """Effective (sparsified) params for the forward pass at ``step``; differentiable in ``params``.
 
+    One :func:`nmsparse.ops.flow` per kernel, its scalars selected by the phase, over
+    the phase's mask: no conditional moves float kernels, forward or backward, and
+    the dense phase (``flow`` of 1, 1, 0) is the identity whatever the mask.
     ``opt_state`` is needed only by recipe ``step`` (its phase lives in the optimizer).
     """
     if self.recipe.name == 'dense':
       return params
-
-    def leaf(mask_fn, op, s, w, key):
-      mask = mask_fn(s, w, key)
-      return w if mask is None else op(w, mask)
-
     branches = self._branches(step, state)
-    op = _shared_op(branches) if len(self._reachable_branches()) > 1 else None
-    if op is None:
-      return self._switch(params, state, step, opt_state, leaf, branches)
-    # Every branch applies the same op, and `op(w, all True)` is `w` exactly (forward and
-    # backward), as the dense branch needs: switch over the boolean masks only, then apply
-    # the op once outside. The switch then moves no float kernels and the backward pass
-    # has no conditional at all.
-    masks = self._switch(params, state, step, opt_state,
-                         lambda mask_fn, op, s, w, key: _mask_or_ones(mask_fn(s, w, key), w),
-                         branches, select=True)
-    return rules_lib.map_sparse(lambda s, w, mask: op(w, mask), self.specs, params, masks)
+    reachable = self._reachable_branches()
+    b = self.branch(step, opt_state) if len(reachable) > 1 else None
+
+    def scalar(field):
+      values = [getattr(f, field) for _, f in branches]
+      used = {v for i, v in enumerate(values) if i in reachable and isinstance(v, float)}
+      if len(used) == 1 and all(isinstance(values[i], float) for i in reachable):
+        return used.pop()  # Static: the same number in every reachable branch.
+      if b is None:
+        return values[reachable[0]]
+      return jnp.stack([jnp.asarray(v, jnp.float32) for v in values])[b]
+
+    fwd, bwd, lam = scalar('fwd'), scalar('bwd'), scalar('lam')
+    masks = iter(self._branch_masks(params, state, step, opt_state, branches, dense_ones=False))
+    return rules_lib.map_sparse(lambda s, w: ops.flow(w, next(masks), fwd, bwd, lam),
+                                self.specs, params)
 
   def masks(self, params: PyTree, state: dict, step: jax.Array, opt_state: PyTree = None) -> PyTree:
     """Keep-masks used at ``step`` (params structure; all True in the dense phase, None for dense leaves)."""
-    def leaf(mask_fn, op, s, w, key):
-      mask = mask_fn(s, w, key)
-      return jnp.ones(w.shape, bool) if mask is None else mask
-
     if self.recipe.name == 'dense':
       return rules_lib.map_sparse(lambda s, w: jnp.ones(w.shape, bool), self.specs, params,
                                   dense=lambda w: None)
-    out = self._switch(params, state, step, opt_state, leaf, select=True)
-    return rules_lib.map_sparse(lambda s, m: m, self.specs, out, dense=lambda w: None)
+    masks = iter(self._branch_masks(params, state, step, opt_state,
+                                    self._branches(step, state), dense_ones=True))
+    return rules_lib.map_sparse(lambda s, w: next(masks), self.specs, params, dense=lambda w: None)
 
   def _reachable_branches(self) -> list[int]:
     ph, r = self.phases, self.recipe
@@ -450,17 +439,16 @@ class _MaskFn:
     return self.fn(s, w, key)
 
 
-# Ops with op(w, all-True mask) == w bit for bit, forward and backward.
-_ONES_EXACT_OPS = (ops.ste, ops.hard_mask)
+@dataclasses.dataclass(frozen=True)
+class _Flow:
+  """A branch's scalars of :func:`nmsparse.ops.flow`: forward and backward decay, SR-STE lambda."""
+
+  fwd: Any
+  bwd: Any = 1.0
+  lam: Any = 0.0
 
 
-def _shared_op(branches) -> Optional[Callable]:
-  """The op of every non-dense branch if it is one op of ``_ONES_EXACT_OPS``, else None."""
-  found = {op for _, op in branches if op is not None}
-  if len(found) != 1:
-    return None
-  op = found.pop()
-  return op if any(op is o for o in _ONES_EXACT_OPS) else None
+_DENSE, _STE, _HARD = _Flow(1.0, 1.0, 0.0), _Flow(0.0, 1.0, 0.0), _Flow(0.0, 0.0, 0.0)
 
 
 def _mask_or_ones(mask, w):

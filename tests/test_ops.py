@@ -69,11 +69,19 @@ OPS = {
     'srste': lambda w, mask, a: srste(w, mask),
     'mdgf_st': lambda w, mask, a: mdgf(w, mask, a, 'straight_through'),
     'mdgf_ds': lambda w, mask, a: mdgf(w, mask, a, 'decay_scaled'),
+    # The general op with array (not Python number) scalars: the path a train step takes
+    # when it selects them by phase.
+    'flow_hard_mask': lambda w, mask, a: ops.flow(w, mask, *map(jnp.float32, (0, 0, 0))),
+    'flow_ste': lambda w, mask, a: ops.flow(w, mask, *map(jnp.float32, (0, 1, 0))),
+    'flow_srste': lambda w, mask, a: ops.flow(w, mask, *map(jnp.float32, (0, 1, SRSTE_DEFAULT_LAMBDA))),
+    'flow_mdgf_st': lambda w, mask, a: ops.flow(w, mask, a, jnp.float32(1), jnp.float32(0)),
+    'flow_mdgf_ds': lambda w, mask, a: ops.flow(w, mask, a, a, jnp.float32(0)),
 }
 CASES = list(OPS)
 
 
 def spec_of(case):
+  case = case.removeprefix('flow_')
   if case.startswith('mdgf'):
     return 'mdgf', ('straight_through' if case == 'mdgf_st' else 'decay_scaled')
   return case, None
@@ -323,3 +331,19 @@ def test_unknown_mdgf_backward_raises_on_forward_call():
     mdgf(w, m, jnp.float32(0.5), 'bogus')
   with pytest.raises(ValueError, match='decay-scaled'):
     jax.jit(functools.partial(mdgf, backward='decay-scaled'))(w, m, jnp.float32(0.5))
+
+
+@pytest.mark.parametrize('traced', [False, True])
+def test_flow_of_one_one_zero_is_the_identity_whatever_the_mask(traced, data):
+  """The dense phase of a train step: w~ = w and dL/dw = dL/dw~ exactly, mask ignored."""
+  w, mask, c, *_ = data
+  scalars = tuple(map(jnp.float32, (1, 1, 0))) if traced else (1.0, 1.0, 0.0)
+
+  @jax.jit
+  def loss(w, mask, scalars):
+    return jnp.sum(jnp.asarray(c) * ops.flow(w, mask, *scalars) ** 2)
+
+  out = ops.flow(jnp.asarray(w), jnp.asarray(mask), *scalars)
+  np.testing.assert_array_equal(np.asarray(out), w)
+  got = jax.grad(loss)(jnp.asarray(w), jnp.asarray(mask), scalars)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(2 * jnp.asarray(c) * jnp.asarray(w)))

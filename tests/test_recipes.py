@@ -216,16 +216,28 @@ def test_step_recipe_turns_the_mask_on_at_the_switch():
     sp.apply(params, {}, 4)
 
 
-@pytest.mark.parametrize('name, kw, sparse_step', [
-    ('step', {'step.t_min_steps': 0, 'step.t_max_steps': 3, 'step.threshold': 0.0}, None),
-    ('ste', {'dense_steps': 10, 'finetune_frac': 0.2}, 50),
-    ('oneshot', {'dense_steps': 10}, 50),
-])
-def test_one_mask_recipes_select_the_dense_phase_without_a_switch(name, kw, sparse_step):
-  """Dense phase and one shared sparse mask: an elementwise select, no lax.cond/switch.
+PHASED = {'dense_frac': 0.2, 'finetune_frac': 0.3}  # Dense 0-19, sparse 20-69, fine-tune 70-99.
 
-  Values and gradients still follow the phase: w and dL/dw = C dense, the N:M mask
-  with a straight-through (STE) or masked (hard mask) gradient when sparse.
+
+def _ste_case(w, mk, c):
+  return np.where(mk, w, 0), c
+
+
+@pytest.mark.parametrize('name, kw, checks', [
+    ('step', {'step.t_min_steps': 0, 'step.t_max_steps': 3, 'step.threshold': 0.0},
+     {5: _ste_case}),
+    ('ste', PHASED, {30: _ste_case, 75: _ste_case}),
+    ('oneshot', {'dense_steps': 20}, {30: lambda w, mk, c: (np.where(mk, w, 0), np.where(mk, c, 0))}),
+    ('mdgf', {**PHASED, 'decay.kind': 'exponential', 'decay.rate': 0.05},  # a(30) = exp(-0.05 * 10)
+     {30: lambda w, mk, c: (np.where(mk, w, math.exp(-0.5) * w), c), 75: _ste_case}),
+    ('srste', PHASED, {30: lambda w, mk, c: (np.where(mk, w, 0), c + LAM * np.where(mk, 0, w)),
+                       75: _ste_case}),
+])
+def test_apply_has_no_conditional_and_follows_the_phase(name, kw, checks):
+  """Every phase through one op with phase-selected scalars: no lax.cond/switch in apply.
+
+  Dense phase (step 5 or 10): w and dL/dw = C exactly. Later steps: the forward and
+  gradient of the recipe (or of the STE fine-tune), from NumPy with the reference mask.
   """
   sp = sparsifier(name, **kw)
   params = make_params()
@@ -237,22 +249,22 @@ def test_one_mask_recipes_select_the_dense_phase_without_a_switch(name, kw, spar
   jaxpr = str(jax.make_jaxpr(lambda p, st, o: sp.apply(p, st, 5, o))(params, state, opt))
   assert ' cond[' not in jaxpr and 'switch' not in jaxpr
   w = np.asarray(params['fc1']['kernel'])
-  dense = sp.apply(params, sp.update(params, state, 5), 5, opt)
-  np.testing.assert_array_equal(dense['fc1']['kernel'], w)
-  np.testing.assert_array_equal(grads_at(sp, params, 5, state, opt)['fc1']['kernel'],
-                                COEF['fc1']['kernel'])
+  c = COEF['fc1']['kernel']
+  dense_step = 10
+  np.testing.assert_array_equal(sp.apply(params, sp.update(params, state, dense_step), dense_step,
+                                         opt)['fc1']['kernel'], w)
+  np.testing.assert_array_equal(grads_at(sp, params, dense_step, state, opt)['fc1']['kernel'], c)
   if name == 'step':
     for _ in range(4):
       opt = tx.update(params, opt, params)[1]
-    sparse_step = 5
-  else:
-    state = sp.update(params, state, 10)  # One-shot takes its mask here.
-  eff = sp.apply(params, sp.update(params, state, sparse_step), sparse_step, opt)
   mk = np_mask(w, 1, 4)
-  np.testing.assert_array_equal(eff['fc1']['kernel'], np.where(mk, w, 0))
-  g = grads_at(sp, params, sparse_step, state, opt)['fc1']['kernel']
-  want = np.where(mk, COEF['fc1']['kernel'], 0) if name == 'oneshot' else COEF['fc1']['kernel']
-  np.testing.assert_array_equal(g, want)
+  for step, want in checks.items():
+    state = sp.update(params, state, step)  # One-shot takes its mask at its first sparse step.
+    fwd, grad = want(w, mk, c)
+    eff = sp.apply(params, state, step, opt)['fc1']['kernel']
+    np.testing.assert_allclose(eff, fwd, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(grads_at(sp, params, step, state, opt)['fc1']['kernel'], grad,
+                               rtol=1e-6, atol=1e-9)
 
 
 def test_state_round_trips_through_orbax(tmp_path):
