@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for nmsparse: a virtual environment in .venv with the
-# requirements and the package (editable). Idempotent: a second run is quick.
-# Picks the newest Python >= 3.11 it finds (3.12+ gets the newest JAX).
+# requirements at the exact versions of requirements/lock-pyX.Y.txt (X.Y: .venv's Python; made by
+# scripts/lock.sh) and the package (editable). Idempotent: a run on a .venv that already matches
+# the lock checks it and installs nothing (about a second, no network).
+# Picks the newest Python >= 3.11 it finds (3.12 gets the newest JAX); PYTHON=/path/to/python3 picks one.
 #   bash scripts/setup.sh          # environment only (what the tests need)
 #   bash scripts/setup.sh --data   # + Fashion-MNIST from Debian's dataset-fashion-mnist package
 #   bash scripts/setup.sh --text   # + KJV and WEB Bibles from Debian (the offline T5 text tasks)
@@ -39,11 +41,69 @@ if [ -z "$PY" ]; then
   done
 fi
 [ -n "$PY" ] || { echo "setup: need Python >= 3.11 (set PYTHON=/path/to/python3)" >&2; exit 1; }
+pyver() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
+if [ -x .venv/bin/python ]; then
+  VER=$(pyver .venv/bin/python); BASE=$(.venv/bin/python -c 'import sys; print(sys._base_executable)')
+  WHO=".venv's Python ($BASE)"; OTHER="rm -rf .venv && PYTHON=/path/to/python3.12 bash scripts/setup.sh"
+else
+  VER=$(pyver "$PY"); BASE=$(command -v "$PY"); WHO="$BASE"; OTHER="PYTHON=/path/to/python3.12 bash scripts/setup.sh"
+fi
+LOCK=requirements/lock-py$VER.txt
+if [ ! -f "$LOCK" ]; then
+  echo "setup: no lock file $LOCK for Python $VER, $WHO; there are: $(cd requirements 2>/dev/null && ls lock-py*.txt 2>/dev/null | tr '\n' ' ')" >&2
+  echo "setup: make one with 'bash scripts/lock.sh $BASE' (and commit it), or use a Python that has one: $OTHER" >&2
+  exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $("$PY" --version)"
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements.txt
-.venv/bin/python -m pip install -q --no-deps -e .
+# check_venv: exit status 0 if .venv has exactly the lock's versions and nmsparse is this checkout
+# (editable; packages the lock does not pin only get a warning), 1 if something must be installed
+# (says what), 2 if requirements.txt names a package that the lock does not pin.
+check_venv() {
+  .venv/bin/python -I - "$LOCK" "$PWD" <<'PY'
+import importlib.metadata as md, importlib.util, os, re, sys
+lock, root = sys.argv[1], sys.argv[2]
+norm = lambda name: re.sub(r'[-_.]+', '-', name).lower()
+pins = {}
+for line in open(lock):
+  line = line.split('#')[0].strip()
+  if line:
+    name, _, version = line.partition('==')
+    pins[norm(name)] = version.strip()
+wanted = [norm(re.split(r'[<>=!~;\[ ]', l.strip())[0]) for l in open(os.path.join(root, 'requirements.txt'))
+          if l.strip() and not l.strip().startswith('#')]
+unpinned = [name for name in wanted if name not in pins]
+if unpinned:
+  print(f'setup: requirements.txt names {", ".join(unpinned)}, which {lock} does not pin: '
+        f'run bash scripts/lock.sh and commit the lock files it writes.', file=sys.stderr)
+  sys.exit(2)
+have = {norm(d.metadata['Name']): d.version for d in md.distributions()}
+wrong = [f'{name}=={version} (have {have.get(name, "none")})' for name, version in sorted(pins.items())
+         if have.get(name) != version]
+spec = importlib.util.find_spec('nmsparse')
+if spec is None or os.path.dirname(spec.origin) != os.path.join(root, 'nmsparse'):
+  wrong.append(f'nmsparse, editable from {root} (have {spec.origin if spec else "none"})')
+if wrong:
+  print(f'setup: .venv differs from {lock} in {len(wrong)} packages: {", ".join(wrong[:4])}' +
+        (', ...' if len(wrong) > 4 else ''))
+  sys.exit(1)
+extra = sorted(f'{name}=={have[name]}' for name in set(have) - set(pins) - {'nmsparse', 'setuptools', 'wheel'})
+if extra:
+  print(f'setup: warning: .venv also has packages that {lock} does not pin: {" ".join(extra)}', file=sys.stderr)
+PY
+}
+status=0
+check_venv || status=$?
+case $status in
+  0) echo "setup: .venv already matches $LOCK" ;;
+  1)
+    echo "setup: installing the versions of $LOCK"
+    .venv/bin/python -m pip install -q -c "$LOCK" pip
+    .venv/bin/python -m pip install -q -c "$LOCK" -r requirements.txt
+    .venv/bin/python -m pip install -q --no-deps -e .
+    check_venv || { echo "setup: .venv still differs from $LOCK after installing" >&2; exit 1; } ;;
+  *) exit 1 ;;
+esac
 echo "setup: $(.venv/bin/python -c 'import sys, jax, flax, optax; print(f"python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}")')"
