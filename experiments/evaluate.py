@@ -2,9 +2,11 @@
 
     python -m experiments.main --mode=evaluate --config=<same config> --workdir=<run dir>
 
-Writes ``export/model_nm.npz`` (kept values + packed in-group indices for every
-sparsified kernel, dense leaves as they are), ``export/size_report.json`` and
-``eval_metrics.json`` into the workdir.
+The run length (``total_steps``, ``steps_per_epoch``), from which every sparsity schedule
+is derived, is read from the checkpoint, not from the train split; a config that gives
+another run length or sparsity setting is refused. Writes ``export/model_nm.npz`` (kept
+values + packed in-group indices for every sparsified kernel, dense leaves as they are),
+``export/size_report.json`` and ``eval_metrics.json`` (with the ``environment``) into the workdir.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 import nmsparse
 from experiments import checkpoints
+from experiments import environment
 from experiments import train as train_lib
 from experiments.tasks import get_task
 
@@ -26,29 +29,29 @@ from experiments.tasks import get_task
 def evaluate_and_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Restores the newest good checkpoint of ``workdir``, evaluates it and exports the hard N:M model."""
   task = get_task(config.task)
-  _, eval_input = train_lib._inputs(config, task)  # pylint: disable=protected-access
-  train_input = None
+  directory = os.path.join(workdir, 'checkpoints')
+  ckpt = checkpoints.Checkpointer(directory, every=1)
   try:
-    train_input = task.make_input(config, split=config.train_split, train=True,
-                                  global_batch_size=config.batch_size, seed=config.seed)
-  except Exception:  # pylint: disable=broad-except
-    pass
-  steps_per_epoch = train_input.steps_per_epoch if train_input is not None else 1
-  s = train_lib.setup(config, steps_per_epoch=steps_per_epoch)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'), every=1)
-  abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                          s.abstract_state, s.shardings)
-  restored = ckpt.restore_latest(abstract, {'sparsity': train_lib.sparsity_meta(config)})
-  ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints: train first with --mode=train.')
+    latest = ckpt.latest_meta()
+    if latest is None:
+      raise FileNotFoundError(f'No checkpoint in {directory}: train first with --mode=train.')
+    step, stored = latest
+    if 'steps_per_epoch' not in stored:
+      raise checkpoints.CannotResume(
+          f'The checkpoint at step {step} in {directory} does not record steps_per_epoch (written by an '
+          'older nmsparse), so its run length and schedules cannot be rebuilt; evaluate it with the '
+          'nmsparse commit that trained it.')
+    s = train_lib.setup(config, steps_per_epoch=int(stored['steps_per_epoch']))
+    restored = ckpt.restore_latest(train_lib.abstract_state(s), train_lib.run_meta(s))
+  finally:
+    ckpt.close()
   state = restored[0]
+  eval_input = train_lib.make_input(config, task, train=False)
   metrics = train_lib.final_evaluation(s, state, eval_input)
   hard = jax.device_get(jax.jit(s.sp.hard_params)(state.params, state.sparsity, state.step,
                                                   state.opt_state))
   specs = s.sp.specs
-  report = nmsparse.validate(hard, specs)
-  del report
+  nmsparse.validate(hard, specs)
   compressed = nmsparse.compress(hard, specs)
   size = nmsparse.size_report(hard, specs)
   out_dir = os.path.join(workdir, 'export')
@@ -58,7 +61,7 @@ def evaluate_and_export(config: ml_collections.ConfigDict, workdir: str) -> dict
     with open(os.path.join(out_dir, 'size_report.json'), 'w') as f:
       json.dump(_jsonable(size), f, indent=2, sort_keys=True)
     with open(os.path.join(workdir, 'eval_metrics.json'), 'w') as f:
-      json.dump(metrics, f, indent=2, sort_keys=True)
+      json.dump(metrics | {'environment': environment.describe()}, f, indent=2, sort_keys=True)
   metrics['compressed_ratio'] = float(size['ratio'])
   logging.info('evaluated step %d: %s; export %s', int(metrics['step']), metrics, out_dir)
   return metrics

@@ -23,6 +23,7 @@ import optax
 
 import nmsparse
 from experiments import checkpoints
+from experiments import environment
 from experiments import init_from as init_from_lib
 from experiments import optimizer as optimizer_lib
 from experiments import reporting
@@ -67,6 +68,18 @@ def sparsity_rules(config: ml_collections.ConfigDict, task: Task) -> list:
 def sparsity_meta(config: ml_collections.ConfigDict) -> dict:
   """The sparsity setting as JSON data, stored in every checkpoint and compared on resume."""
   return json.loads(json.dumps(config.sparsity.to_dict(), default=str))
+
+
+def run_meta(s: Setup) -> dict:
+  """What every checkpoint records and a resume must match: sparsity setting and run length."""
+  return {'sparsity': sparsity_meta(s.config), 'total_steps': s.total_steps,
+          'steps_per_epoch': s.steps_per_epoch}
+
+
+def abstract_state(s: Setup) -> PyTree:
+  """The train state's shapes, dtypes and shardings: the restore target."""
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                      s.abstract_state, s.shardings)
 
 
 def setup(config: ml_collections.ConfigDict, *, steps_per_epoch: int, devices=None) -> Setup:
@@ -231,59 +244,60 @@ def eval_batches(s: Setup, eval_input):
 
 # ----------------------------------------------------------------------------- loop
 
-def _inputs(config: ml_collections.ConfigDict, task: Task):
+def make_input(config: ml_collections.ConfigDict, task: Task, *, train: bool):
+  """The train split (shuffled, ``batch_size``) or the eval split (one padded pass, ``eval_batch_size``)."""
   kw = dict(seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
-  train = task.make_input(config, split=config.train_split, train=True,
-                          global_batch_size=config.batch_size, **kw)
-  evals = task.make_input(config, split=config.eval_split, train=False,
-                          global_batch_size=config.get('eval_batch_size') or config.batch_size, **kw)
-  return train, evals
+  if train:
+    return task.make_input(config, split=config.train_split, train=True,
+                           global_batch_size=config.batch_size, **kw)
+  return task.make_input(config, split=config.eval_split, train=False,
+                         global_batch_size=config.get('eval_batch_size') or config.batch_size, **kw)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (resuming from ``workdir`` if it holds checkpoints), evaluates, returns final metrics."""
+  """Trains (resuming from ``workdir`` if it holds checkpoints), evaluates, returns final metrics.
+
+  Every check runs before anything is written to ``workdir`` (a refused run leaves it as it
+  was): the config, data and sparsity rules (``setup``), then the newest readable
+  checkpoint's sparsity setting, run length and state tree (``checkpoints.CannotResume``).
+  Then ``config.json`` and ``environment.json`` are written; ``final_metrics.json`` ends the run.
+  """
   preempted = checkpoints.PreemptionFlag()  # First: a SIGTERM during set-up still saves cleanly.
-  os.makedirs(workdir, exist_ok=True)
-  task = get_task(config.task)
-  train_input, eval_input = _inputs(config, task)
-  s = setup(config, steps_per_epoch=train_input.steps_per_epoch)
-  config_path = os.path.join(workdir, 'config.json')
-  if jax.process_index() == 0:
-    with open(config_path, 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  _log_overview(s)
-
-  meta = {'sparsity': sparsity_meta(config), 'total_steps': s.total_steps}
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                  every=config.checkpoint_every_steps, keep=config.keep_checkpoints)
-  abstract = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                          s.abstract_state, s.shardings)
-  restored = ckpt.restore_latest(abstract, meta)
-  if restored is None:
-    state = initial_state(s, jax.random.key(config.seed))
-    data_state = None
-  else:
-    state, data_state, _ = restored
-  start = int(jax.device_get(state.step))
-  train_iter = train_input.iterator(start)
-  if data_state is not None:
-    train_iter.set_state(data_state)
-
-  train_step = make_train_step(s)
-  diag_step = make_train_step(s, diagnostics=True)
-  eval_step = make_eval_step(s)
-  writer = reporting.MetricWriter(workdir)
-  progress = reporting.Progress(start, s.total_steps)
-  sharding = state_lib.batch_sharding(s.mesh)
-  block_every_step = jax.device_count() > 2 and jax.devices()[0].platform == 'cpu'
-  last_finite = start
-  final: dict[str, float] = {}
+  ckpt = writer = None
   try:
+    task = get_task(config.task)
+    train_input, eval_input = make_input(config, task, train=True), make_input(config, task, train=False)
+    s = setup(config, steps_per_epoch=train_input.steps_per_epoch)
+    _log_overview(s)
+    meta = run_meta(s)
+    ckpt = checkpoints.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    every=config.checkpoint_every_steps, keep=config.keep_checkpoints)
+    restored = ckpt.restore_latest(abstract_state(s), meta)
+    if restored is None:
+      state = initial_state(s, jax.random.key(config.seed))
+      data_state = None
+    else:
+      state, data_state, _ = restored
+    env = environment.describe()
+    write_run_files(workdir, config, env)  # Every check passed: the first write to the workdir.
+
+    start = int(jax.device_get(state.step))
+    train_iter = train_input.iterator(start)
+    if data_state is not None:
+      train_iter.set_state(data_state)
+    train_step = make_train_step(s)
+    diag_step = make_train_step(s, diagnostics=True)
+    eval_step = make_eval_step(s)
+    writer = reporting.MetricWriter(workdir)
+    every = config.diagnostics_every_steps
+    progress = reporting.Progress(start, s.total_steps, diagnostics_every=every)
+    sharding = state_lib.batch_sharding(s.mesh)
+    block_every_step = jax.device_count() > 2 and jax.devices()[0].platform == 'cpu'
+    last_finite = start
     step = start
     while step < s.total_steps:
       batch = state_lib.global_batch(next(train_iter), sharding)
-      diag = config.diagnostics_every_steps and (step % config.diagnostics_every_steps == 0 or
-                                                 step + 1 == s.total_steps)
+      diag = reporting.is_diagnostics_step(step, every, s.total_steps)
       state, metrics = (diag_step if diag else train_step)(state, batch)
       step += 1
       if block_every_step:
@@ -313,13 +327,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write(s.total_steps, {f'final/{k}': v for k, v in final.items()})
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-        json.dump(final, f, indent=2, sort_keys=True)
+        json.dump(final | {'environment': env}, f, indent=2, sort_keys=True)
     logging.info('final: %s', reporting.format_metrics(final))
+    return final
   finally:
-    ckpt.close()
-    writer.close()
+    if ckpt is not None:
+      ckpt.close()
+    if writer is not None:
+      writer.close()
     preempted.restore()
-  return final
+
+
+def write_run_files(workdir: str, config: ml_collections.ConfigDict, env: dict) -> None:
+  """Creates ``workdir`` with ``config.json`` and ``environment.json`` (process 0).
+
+  A resumed run whose environment differs from the previous start's is logged, naming what changed.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() != 0:
+    return
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  path = os.path.join(workdir, 'environment.json')
+  if os.path.exists(path):
+    _log_environment_change(path, env)
+  with open(path, 'w') as f:
+    json.dump(env, f, indent=2, sort_keys=True)
+
+
+def _log_environment_change(path: str, env: dict) -> None:
+  with open(path) as f:
+    try:
+      previous = json.load(f)
+    except json.JSONDecodeError as e:
+      logging.warning('the previous %s is unreadable (%s); it is replaced.', path, e)
+      return
+  changed = sorted(k for k in set(previous) | set(env) if previous.get(k) != env.get(k))
+  if changed:
+    logging.warning('this run continues under another environment than its previous start: %s',
+                    {k: {'before': previous.get(k), 'now': env.get(k)} for k in changed})
 
 
 def final_evaluation(s: Setup, state: state_lib.TrainState, eval_input, *, eval_step=None) -> dict:
