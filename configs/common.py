@@ -7,7 +7,6 @@ from typing import Any
 import ml_collections
 
 import nmsparse
-from experiments import init_from
 
 ph = ml_collections.config_dict.placeholder
 
@@ -45,11 +44,30 @@ def sparsity(recipe: str, nm: str, layers: str, **recipe_overrides: Any) -> ml_c
   if recipe == 'step':  # STEP's dense phase ends at its AutoSwitch, no earlier than t_min.
     recipe_overrides['step.t_min'] = recipe_overrides.pop('dense_frac', 0.1) or 0.1
   return ml_collections.ConfigDict(dict(
-      recipe=nmsparse.recipe_config(recipe, **recipe_overrides),
+      recipe=typed(nmsparse.recipe_config(recipe, **recipe_overrides)),
       nm=nm,
       layers=layers,        # nmsparse.preset name: 'mlp' | 'mlp_qkv' | 'all'
       rules=ph(tuple),      # Optional explicit ((regex, 'N:M' or None, axes), ...), before the preset.
   ))
+
+
+def typed(recipe: dict, prefix: str = '') -> ml_collections.ConfigDict:
+  """A recipe config (``nmsparse.recipe_config``'s plain dict) as a ConfigDict whose unset
+  fields are typed placeholders, so that ``--config.sparsity.recipe.x=...`` parses and checks."""
+  out = {}
+  for key, value in recipe.items():
+    if isinstance(value, dict):
+      out[key] = typed(value, f'{prefix}{key}.')
+    elif value is None:
+      out[key] = ph(nmsparse.recipes.OPTIONAL_FIELDS[f'{prefix}{key}'])
+    else:
+      out[key] = value
+  return ml_collections.ConfigDict(out)
+
+
+def init_from() -> ml_collections.ConfigDict:
+  """The ``config.init_from`` block (experiments/init_from.py): ``path`` unset starts fresh."""
+  return ml_collections.ConfigDict(dict(path=ph(str), step=ph(int), include='.*'))
 
 
 def optimizer(lr: float, *, wd: float = 1e-4, clip: float = 1.0, b1: float = 0.9, b2: float = 0.999,
@@ -79,4 +97,4 @@ def run_defaults(config: ml_collections.ConfigDict) -> None:
   config.diagnostics_microbatches = 4  # Gradient noise from 4 microbatch gradients (0: skip).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.abstract_lowering_only = False
-  config.init_from = init_from.default_config()  # Params from another run's checkpoint (fine-tuning).
+  config.init_from = init_from()  # Params from another run's checkpoint (fine-tuning).

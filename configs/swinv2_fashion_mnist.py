@@ -13,7 +13,7 @@ Hardware: 2 CPU cores. Measured (README results table): ``:epochs=1`` (468 steps
 import ml_collections
 
 from configs import common
-from experiments.data import pipeline
+from experiments.data import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = 'classification'
   c.model = ml_collections.ConfigDict(dict(name='swinv2', variant=a.variant, num_classes=10,
                                            channels=1, kwargs=dict()))
-  c.data = pipeline.default_config(name='nm_fashion_mnist', image_size=28)
+  c.data = defaults.image(name='nm_fashion_mnist', image_size=28)
   c.train_split, c.eval_split = 'train', 'test'
   c.loss = 'softmax_xent'
   c.batch_size = 128
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = a.seed
   c.total_epochs = a.epochs
   c.sparsity = common.sparsity(a.recipe, a.nm, a.layers, dense_frac=0.1, finetune_frac=0.1,
-                               **{'decay.kind': a.decay, 'decay.rate': 2e-3, 'structure.kind': a.structure})
+                               **{'decay.kind': a.decay, 'decay.final': 0.024, 'structure.kind': a.structure})
   c.optimizer = common.optimizer(1e-3, wd=0.05, clip=5.0, warmup_epochs=0.5)
   c.log_every_steps = c.diagnostics_every_steps = 100
   c.eval_every_steps = 1000

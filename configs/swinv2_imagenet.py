@@ -14,7 +14,7 @@ Needs ``imagenet2012`` prepared in array_record format under ``data_dir``.
 import ml_collections
 
 from configs import common
-from experiments.data import pipeline
+from experiments.data import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -26,7 +26,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   drop_path = {'T': 0.2, 'S': 0.3}.get(a.variant, 0.5)
   c.model = ml_collections.ConfigDict(dict(name='swinv2', variant=a.variant, num_classes=1000,
                                            channels=3, kwargs=dict(dtype='bfloat16', drop_path=drop_path)))
-  c.data = pipeline.default_config(
+  c.data = defaults.image(
       name='imagenet2012', image_size=256, crop='inception', flip=True, randaugment_layers=2,
       randaugment_magnitude=9.0, mixup_alpha=0.8, normalize='imagenet', num_threads=32,
       prefetch_batches=8)

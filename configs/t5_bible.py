@@ -17,7 +17,7 @@ Expected wall time and metrics: README results table.
 import ml_collections
 
 from configs import common
-from experiments.data.text import pipeline
+from experiments.data import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -27,7 +27,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = 'seq2seq'
   c.model = ml_collections.ConfigDict(dict(name='t5', variant=a.variant, vocab_size=8192,
                                            dropout_rate=0.1, kwargs=dict()))
-  c.data = pipeline.default_config(name='nm_bible_pairs', objective='seq2seq', inputs_length=80,
+  c.data = defaults.text(name='nm_bible_pairs', objective='seq2seq', inputs_length=80,
                                    targets_length=80)
   c.train_split, c.eval_split = 'train', 'validation'
   c.z_loss = 1e-4
@@ -38,11 +38,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = a.seed
   c.init_from.path = a.init_from or None
   c.total_steps = a.steps
-  # The exponential decay rate scales with the run length: a(t) = exp(-0.8 * 2e-3 * 3000) =
-  # 0.008 at the end of the sparse phase (80 %) of any run.
-  rate = 2e-3 * 3000 / a.steps
+  # MDGF's decay is relative to the sparse phase (80 % of the run): exponential a(t) falls to
+  # 0.008 by its end, at any --config.total_steps or steps=.
   c.sparsity = common.sparsity(a.recipe, a.nm, a.layers, dense_frac=0.1, finetune_frac=0.1,
-                               **{'decay.kind': a.decay, 'decay.rate': rate, 'structure.kind': a.structure})
+                               **{'decay.kind': a.decay, 'decay.final': 0.008,
+                                  'structure.kind': a.structure})
   c.optimizer = common.optimizer(2e-3, wd=1e-4, clip=1.0, warmup_steps=100)
   c.log_every_steps = c.diagnostics_every_steps = 100
   c.eval_every_steps = 1500

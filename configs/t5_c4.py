@@ -21,7 +21,7 @@ array_record format under ``data_dir`` and the SentencePiece model at ``data.voc
 import ml_collections
 
 from configs import common
-from experiments.data.text import pipeline
+from experiments.data import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = 'span_corruption'
   c.model = ml_collections.ConfigDict(dict(name='t5', variant=a.variant, vocab_size=32128,
                                            dropout_rate=0.0, kwargs=dict(dtype='bfloat16')))
-  c.data = pipeline.default_config(name='c4/en:3.1.0', objective='span_corruption', inputs_length=512,
+  c.data = defaults.text(name='c4/en:3.1.0', objective='span_corruption', inputs_length=512,
                                    targets_length=114, num_threads=32, prefetch_batches=8)
   c.train_split, c.eval_split = 'train', 'validation'
   c.z_loss = 1e-4

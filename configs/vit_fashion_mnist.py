@@ -19,7 +19,7 @@ import ml_collections
 import nmsparse
 
 from configs import common
-from experiments.data import pipeline
+from experiments.data import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.task = 'classification'
   c.model = ml_collections.ConfigDict(dict(name='vit', variant=a.variant, num_classes=10, channels=1,
                                            kwargs=dict(pool_type='gap', posemb='learn')))
-  c.data = pipeline.default_config(name='nm_fashion_mnist', image_size=28)
+  c.data = defaults.image(name='nm_fashion_mnist', image_size=28)
   c.train_split, c.eval_split = 'train', 'test'
   c.loss = 'softmax_xent'
   c.batch_size = 128
@@ -37,20 +37,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   common.run_defaults(c)
   c.seed = a.seed
   c.total_epochs = a.epochs
-  # Dense warm-up 10 %, the recipe, then a 10 % fine-tune at the final N:M.
-  # Decay rates scale with the run length, so a sweep of short runs keeps the same a(t) shape.
-  # Exponential: a(t) = 0.024 at the end of the sparse phase (rate 2e-3 over the 1,872 sparse
-  # steps of the default 5 epochs); the fine-tune then trains the hard N:M model.
-  # Linear: a(t) reaches 0 at 80 % of the sparse phase.
-  sparse_steps = 0.8 * a.epochs * (60_000 // 128)
-  rate = 1.0 / (0.8 * sparse_steps) if a.decay == 'linear' else 2e-3 * 1872 / sparse_steps
+  # Dense warm-up 10 %, the recipe, then a 10 % fine-tune at the final N:M. MDGF's decay is
+  # relative to the sparse phase, so a run of any length (runlocal, another epochs, batch or
+  # --config.total_steps) keeps the same a(t) shape: exponential falls to 0.024 by the end of
+  # the sparse phase (the fine-tune then trains the hard N:M model); linear reaches 0 at 80 %.
   # SDGF-geometric starts at (2^L N):(2^L M); its M must divide the 64-wide contraction of the
   # mu models' kernels, so L = 3 stages before the target where they fit, fewer at 1:16 and 1:32.
   _, m = nmsparse.parse_nm(a.nm)
   levels = max(1, min(3, (64 // m).bit_length() - 1)) if a.structure in ('geometric', 'densify') else 3
   c.sparsity = common.sparsity(a.recipe, a.nm, a.layers, dense_frac=0.1, finetune_frac=0.1,
-                               **{'decay.kind': a.decay, 'decay.rate': rate, 'structure.kind': a.structure,
-                                  'structure.levels': levels})
+                               **{'decay.kind': a.decay, 'decay.final': 0.024,
+                                  'decay.duration': 0.8 if a.decay == 'linear' else 1.0,
+                                  'structure.kind': a.structure, 'structure.levels': levels})
   c.optimizer = common.optimizer(1e-3, wd=1e-4, clip=1.0, warmup_epochs=0.5)
   c.log_every_steps = 100
   c.eval_every_steps = 1000

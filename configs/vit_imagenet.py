@@ -19,7 +19,7 @@ Needs ``imagenet2012`` prepared by tfds in array_record format under ``data_dir`
 import ml_collections
 
 from configs import common
-from experiments.data import pipeline
+from experiments.data import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name='vit', variant=a.variant, num_classes=1000, channels=3,
       kwargs=dict(pool_type='tok', posemb='learn', dtype='bfloat16', dropout=0.0)))
-  c.data = pipeline.default_config(
+  c.data = defaults.image(
       name='imagenet2012', image_size=224, crop='inception', flip=True, randaugment_layers=2,
       randaugment_magnitude=15.0, mixup_alpha=0.5, num_threads=32, prefetch_batches=8)
   c.train_split, c.eval_split = 'train', 'validation'

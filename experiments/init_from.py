@@ -29,13 +29,6 @@ from nmsparse import rules
 PyTree = Any
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The ``config.init_from`` block (``path`` unset: start from a fresh initialisation)."""
-  return ml_collections.ConfigDict(dict(path=ml_collections.FieldReference(None, field_type=str),
-                                        step=ml_collections.FieldReference(None, field_type=int),
-                                        include='.*'))
-
-
 def enabled(config: ml_collections.ConfigDict) -> bool:
   block = config.get('init_from')
   return bool(block and block.get('path'))

@@ -28,7 +28,7 @@ gradient is counted like the others):
   ``hard``, the frozen fine-tune);
 * MDGF's forward ``(m + (1 - m) a(t)) W`` is dense while ``a(t) >= mdgf_threshold``
   (1e-3 by default) and N:M after; its input gradient likewise;
-* SDGF: each stage at its own N:M (``Sparsifier.stage_patterns``);
+* SDGF: each layer at the N:M of its own stage (``Sparsifier.schedule``);
 * STEP: dense until ``switch_step`` (data dependent: read ``switch_step`` from
   its optimizer state, ``nmsparse.step_optimizer.find_step_state(opt_state).switch_step``),
   the STE mask phase after.
@@ -49,9 +49,6 @@ from nmsparse import rules as rules_lib
 PyTree = Any
 Tokens = Union[int, Callable[[str], Optional[int]]]
 KERNELS = r'(.*/)?kernel'
-
-# Recipes whose sparse phase masks the weight gradient (hard mask): m * g.
-_HARD = ('oneshot', 'hard')
 
 
 def _kernels(params: PyTree, specs: Optional[PyTree], tokens: Tokens,
@@ -174,25 +171,27 @@ def training_flops(params: PyTree, specs: Optional[PyTree], recipe: Any, tokens:
     add('sparse', 0, sw, ph.finetune_start, 'sparse', 'dense', step_flops(final, True))
   else:
     add('dense', 0, 0, ph.dense_end, 'dense', 'dense', dense_step)
-    hard = r.name in _HARD
-    starts = [int(x) for x in sp.stage_starts()] + [ph.finetune_start]
+    rows = sp.rows
+    hard = rows[recipes_lib.SPARSE].bwd == 0.0  # The mask reaches the weight gradient too.
+    schedules = [None if s is None else sp.schedule(s) for _, s, _ in kernels]
+    # Segments of constant N:M: every layer's stage starts (SDGF layers each run their own).
+    cuts = sorted({ph.dense_end, ph.finetune_start} | {
+        x for sc in schedules if sc is not None for x in sc.starts if ph.dense_end <= x < ph.finetune_start})
     # MDGF: first sparse step whose a(t) < threshold (a is non-increasing in t).
     cross = ph.dense_end
     if r.decay is not None and ph.sparse_steps > 0:
       a = np.asarray(r.decay(np.arange(ph.sparse_steps)))
       below = np.nonzero(a < mdgf_threshold)[0]
       cross = ph.dense_end + (int(below[0]) if below.size else ph.sparse_steps)
-    for k in range(len(starts) - 1):
-      def stage(s, k=k):
-        n, m = sp.stage_patterns(s)[k]
-        return n / m
-      lo, hi = starts[k], starts[k + 1]
+    for k, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+      by_spec = {s: n / m for (_, s, _), sc in zip(kernels, schedules) if s is not None
+                 for n, m in [sc.patterns[int(sc.stage(lo))]]}
       wg = 'sparse' if hard else 'dense'
       mid = min(max(cross, lo), hi)
       add('sparse', k, lo, mid, 'dense', wg, step_flops(lambda s: 1.0, not hard))
-      add('sparse', k, mid, hi, 'sparse', wg, step_flops(stage, not hard))
+      add('sparse', k, mid, hi, 'sparse', wg, step_flops(by_spec.__getitem__, not hard))
   if r.name != 'dense':
-    frozen = r.name in _HARD or r.finetune_mask == 'frozen'
+    frozen = sp.rows[recipes_lib.FINETUNE].bwd == 0.0
     add('finetune', 0, ph.finetune_start, ph.total, 'sparse', 'sparse' if frozen else 'dense',
         step_flops(final, not frozen))
   per_phase = {p: sum(s['flops'] for s in segments if s['phase'] == p)

@@ -25,15 +25,21 @@ PyTree = Any
 
 @dataclasses.dataclass(frozen=True)
 class NMSpec:
-  """An N:M pattern along the contraction ``axes`` of one kernel (negative axes count from the end)."""
+  """An N:M pattern along the contraction ``axes`` of one kernel (negative axes count from the end).
+
+  ``axes=None`` means the input axis of a 2-D ``Dense`` kernel ``(in, out)``; a kernel
+  with more axes (``DenseGeneral``, or layers stacked by ``nn.scan``) must name them,
+  which :func:`resolve` enforces.
+  """
 
   n: int
   m: int
-  axes: tuple[int, ...] = (-2,)
+  axes: Optional[tuple[int, ...]] = None
 
   def __post_init__(self):
-    axes = (self.axes,) if isinstance(self.axes, int) else tuple(self.axes)
-    object.__setattr__(self, 'axes', axes)
+    if self.axes is not None:
+      axes = (self.axes,) if isinstance(self.axes, int) else tuple(self.axes)
+      object.__setattr__(self, 'axes', axes)
     if not (isinstance(self.n, int) and isinstance(self.m, int)) or not 0 < self.n <= self.m:
       raise ValueError(f'Invalid N:M pattern {self.n}:{self.m}: need integers with 0 < N <= M.')
 
@@ -45,7 +51,7 @@ class NMSpec:
     return dataclasses.replace(self, **kw)
 
   def __str__(self) -> str:
-    return f'{self.n}:{self.m}@{list(self.axes)}'
+    return f'{self.n}:{self.m}@{"default" if self.axes is None else list(self.axes)}'
 
 
 Spec = Optional[NMSpec]
@@ -120,6 +126,15 @@ def resolve(rules: Rules, params: PyTree, *, log: bool = True,
         raise ValueError(
             f'Sparsity rule {rules[i][0]!r} gives N:M {spec.n}:{spec.m} to {name!r} with shape '
             f'{shape}, which is not a kernel (rank < 2). Narrow the regex, e.g. end it with "kernel".')
+      if spec.axes is None:
+        if len(shape) > 2:
+          raise ValueError(
+              f'Sparsity rule {rules[i][0]!r} gives N:M {spec.n}:{spec.m} to {name!r} with shape '
+              f'{shape} but no contraction axes: a kernel of rank {len(shape)} needs them named, '
+              f'e.g. NMSpec({spec.n}, {spec.m}, axes=(-3,)) for a DenseGeneral q/k/v kernel '
+              f'(embed, heads, head_dim), axes=(-3, -2) for an attention output (heads, head_dim, '
+              f'embed), axes=(-2,) for Dense kernels stacked by nn.scan (layers, in, out).')
+        spec = spec.replace(axes=(-2,))
       masks.check_nm(shape, spec.n, spec.m, spec.axes, name=name)
       lines.append(f'  {name:60s} {str(shape):22s} {spec.n}:{spec.m} axes {list(spec.axes)}')
     specs.append(spec)
@@ -165,7 +180,9 @@ def summarize(specs: PyTree, params: PyTree) -> dict[str, float]:
 # Paths differ between models; presets match the usual Flax module names used by
 # this project's models and by stock Flax layers. Pass ``extra`` rules to adapt.
 
-_MLP = r'(.*/)?(mlp|MlpBlock|Mlp|ffn|feed_forward|FeedForward)[^/]*/.*kernel'
+# The MLP's block (a path component named like one, optionally numbered: ``MlpBlock_0``), then
+# any sub-path to a kernel. A name that only starts like one (``mlp_head``, ``cpb_mlp``) is not it.
+_MLP = r'(.*/)?(mlp|Mlp|MLP|MlpBlock|mlp_block|ffn|FFN|feed_forward|FeedForward)(_\d+)?/(.*/)?kernel'
 _QKV = r'(.*/)?(query|key|value|q|k|v|qkv)/kernel'
 _OUT = r'(.*/)?(attn|attention|MultiHeadDotProductAttention|SelfAttention|MultiHeadAttention|self_attention|encoder_decoder_attention)[^/]*/(out|o)/kernel'
 

@@ -12,6 +12,7 @@ is the recipe's clock: it is 0 at the first sparse step, whatever the warm-up.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Union
 
@@ -24,13 +25,16 @@ DENSE, SPARSE, FINETUNE = 0, 1, 2
 
 
 def to_steps(value: Duration, total: int, what: str) -> int:
-  """A duration as steps: a float in [0, 1] is a fraction of ``total``, an int is steps."""
+  """A duration as steps: a float in [0, 1] is a fraction of ``total``, an int is steps.
+
+  Fractions round half up: ``floor(value * total + 1/2)`` (0.25 of 10 steps is 3).
+  """
   if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
     raise TypeError(f'{what} must be a fraction (float in [0, 1]) or a step count (int), got {value!r}.')
   if isinstance(value, (float, np.floating)):
     if not 0.0 <= value <= 1.0:
       raise ValueError(f'{what} = {value} as a fraction must lie in [0, 1]; give an int for a step count.')
-    return int(round(value * total))
+    return int(math.floor(value * total + 0.5))
   if not 0 <= value <= total:
     raise ValueError(f'{what} = {value} steps lies outside the run of {total} steps.')
   return int(value)
@@ -84,18 +88,20 @@ DECAYS = ('linear', 'exponential', 'cosine', 'stepwise')
 
 @dataclasses.dataclass(frozen=True)
 class Decay:
-  """MDGF decay a(t) of the gradient/forward flow to pruned weights; a = 1 dense, a = 0 N:M.
+  """MDGF decay a(t) of the forward (and optionally backward) flow to pruned weights; 1 dense, 0 N:M.
 
   - ``linear``:      a(t) = max(0, 1 - rate * t)
   - ``exponential``: a(t) = exp(-rate * t)           (reference ViT config: rate 1e-4)
   - ``cosine``:      a(t) = (1 + cos(pi * min(t / duration, 1))) / 2
-  - ``stepwise``:    a(t) = max(0, 1 - k * width), k = min(floor(t / interval), levels)
-    (the predecessor JAX code; ``width`` defaults to 1 / levels, levels to 16)
-  ``duration`` defaults to the sparse phase's length when built by a recipe.
+  - ``stepwise``:    a(t) = max(0, 1 - k * width) for level k = floor(t / interval) < levels,
+    and 0 from level ``levels`` on (the predecessor JAX code: 16 levels of width 1/16)
+
+  ``t`` counts steps from the first sparse step. All arguments are in steps: build a
+  decay relative to the length of a run's sparse phase with :meth:`over`.
   """
 
   kind: str = 'exponential'
-  rate: float = 2e-4
+  rate: float | None = None
   duration: int | None = None
   interval: int | None = None
   levels: int = 16
@@ -104,14 +110,47 @@ class Decay:
   def __post_init__(self):
     if self.kind not in DECAYS:
       raise ValueError(f'Unknown decay {self.kind!r}; choose one of {DECAYS}.')
-    if self.kind in ('linear', 'exponential') and not self.rate > 0:
-      raise ValueError(f'{self.kind} decay needs rate > 0, got {self.rate}.')
+    if self.kind in ('linear', 'exponential') and not (self.rate is not None and self.rate > 0):
+      raise ValueError(f'{self.kind} decay needs rate > 0 (per step), got {self.rate}.')
     if self.kind == 'cosine' and not (self.duration and self.duration > 0):
       raise ValueError(f'cosine decay needs duration > 0 steps, got {self.duration}.')
     if self.kind == 'stepwise':
       if not (self.interval and self.interval > 0) or self.levels < 1:
         raise ValueError(f'stepwise decay needs interval > 0 and levels >= 1, got '
                          f'interval={self.interval}, levels={self.levels}.')
+      if self.width is not None and not 0 < self.width <= 1:
+        raise ValueError(f'stepwise decay width must lie in (0, 1], got {self.width}.')
+
+  @classmethod
+  def over(cls, kind: str, sparse_steps: int, *, final: float | None = None,
+           duration: float = 1.0, rate: float | None = None, interval: int | None = None,
+           levels: int = 16, width: float | None = None) -> 'Decay':
+    """A decay shaped relative to a sparse phase of ``sparse_steps`` steps.
+
+    - ``exponential``: a reaches ``final`` at the end of the sparse phase
+      (rate = -ln(final) / sparse_steps);
+    - ``linear`` and ``cosine``: a reaches 0 after ``duration``, a fraction in (0, 1]
+      of the sparse phase;
+    - ``stepwise``: ``levels`` equal intervals fill ``duration`` of the sparse phase.
+
+    An absolute ``rate`` (linear, exponential) or ``interval`` (stepwise), in steps,
+    takes precedence over the relative setting.
+    """
+    length = max(int(sparse_steps), 1)
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration <= 1:
+      raise ValueError(f'{kind} decay duration must be a fraction in (0, 1] of the sparse phase, got '
+                       f'{duration!r}; for an absolute length set rate (linear) or interval (stepwise).')
+    span = max(int(math.floor(duration * length + 0.5)), 1)
+    if kind == 'exponential' and rate is None:
+      if final is None or not 0 < final < 1:
+        raise ValueError(f'exponential decay needs final (a at the end of the sparse phase) in '
+                         f'(0, 1), got {final}; or set an absolute per-step rate.')
+      rate = -math.log(final) / length
+    elif kind == 'linear' and rate is None:
+      rate = 1.0 / span
+    elif kind == 'stepwise' and interval is None:
+      interval = max(span // max(levels, 1), 1)
+    return cls(kind=kind, rate=rate, duration=span, interval=interval, levels=levels, width=width)
 
   def __call__(self, t: jax.Array) -> jax.Array:
     t = jnp.asarray(t, jnp.float32)
@@ -122,8 +161,8 @@ class Decay:
     if self.kind == 'cosine':
       return 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(t / self.duration, 1.0)))
     width = self.width if self.width is not None else 1.0 / self.levels
-    k = jnp.minimum(jnp.floor(t / self.interval), self.levels)
-    return jnp.maximum(0.0, 1.0 - k * width)
+    k = jnp.floor(t / self.interval)
+    return jnp.where(k >= self.levels, 0.0, jnp.maximum(0.0, 1.0 - k * width))
 
 
 # ----------------------------------------------------------------------------- SDGF structure

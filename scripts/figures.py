@@ -103,6 +103,7 @@ def schedule_curves(recipe_config: dict, total_steps: int, nm: str,
   The density is that of kernels at target ``nm`` (every sparsified kernel under one preset).
   STEP's schedule depends on the data (AutoSwitch): use the logged columns instead.
   """
+  import jax  # pylint: disable=g-import-not-at-top
   import nmsparse  # pylint: disable=g-import-not-at-top
   n, m = sweep.parse_nm(nm)
   recipe = nmsparse.Recipe.from_config(recipe_config, total_steps)
@@ -110,7 +111,7 @@ def schedule_curves(recipe_config: dict, total_steps: int, nm: str,
     raise ValueError('recipe "step" switches at a data-dependent step: read its logged schedule.')
   sp = nmsparse.Sparsifier(recipe, {'w': nmsparse.NMSpec(n, m, (-2,))}, {'w': 1})
   steps = np.unique(np.linspace(0, total_steps - 1, min(points, total_steps)).round().astype(int))
-  info = sp.info(steps)
+  info = jax.vmap(sp.info)(steps)
   decay = np.broadcast_to(np.asarray(info['decay'], float), steps.shape)
   density = np.broadcast_to(np.asarray(info['density'], float), steps.shape)
   return steps, decay, density

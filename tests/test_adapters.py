@@ -78,8 +78,8 @@ class NNXModel(nnx.Module):
 LINEN_RULES = [
     (r'stack/.*/attn/(query|key|value)/kernel', NMSpec(1, 4, (-3,))),
     (r'stack/.*/attn/out/kernel', NMSpec(2, 8, (-3, -2))),
-    (r'stack/.*/fc1/kernel', NMSpec(1, 2)),
-    (r'stack/.*/fc2/kernel', NMSpec(2, 4)),
+    (r'stack/.*/fc1/kernel', NMSpec(1, 2, (-2,))),
+    (r'stack/.*/fc2/kernel', NMSpec(2, 4, (-2,))),
     (r'head/kernel', NMSpec(1, 8, (-3,))),
 ]
 LINEN_EXPECTED = {  # path: (n, m, axes, shape)

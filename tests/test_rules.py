@@ -35,7 +35,7 @@ def test_first_match_wins_and_unmatched_are_dense():
       (r'.*/fc2/kernel', None),                 # Keep fc2 dense: listed first, so it wins.
       (r'.*/mlp/.*kernel', NMSpec(1, 8)),
   ], PARAMS, log=False))
-  assert specs['encoder/block_0/mlp/fc1/kernel'] == NMSpec(1, 8)
+  assert specs['encoder/block_0/mlp/fc1/kernel'] == NMSpec(1, 8, (-2,))  # The default axis of (in, out).
   assert specs['encoder/block_0/mlp/fc2/kernel'] is None
   assert specs['encoder/block_0/mlp/fc1/bias'] is None
   assert specs['head/kernel'] is None
@@ -111,3 +111,101 @@ def test_nnx_value_attribute_is_dropped_but_a_param_named_value_is_kept():
   K, A = jax.tree_util.DictKey, jax.tree_util.GetAttrKey
   assert rules_lib.path_str((K('layer'), K('kernel'), A('value'))) == 'layer/kernel'
   assert rules_lib.path_str((K('attn'), K('value'))) == 'attn/value'
+
+
+def test_a_kernel_of_rank_above_two_needs_explicit_axes():
+  """Regression (issue 11, item 9): NMSpec(1, 8) on a q/k/v DenseGeneral kernel (embed, heads,
+  head_dim) would group along the heads axis; with no axes given it is an error naming them."""
+  with pytest.raises(ValueError, match=r"attn/query/kernel.*\(64, 4, 16\).*axes=\(-3,\)"):
+    rules_lib.resolve([(r'.*/query/kernel', NMSpec(1, 8))], PARAMS, log=False)
+  with pytest.raises(ValueError, match=r"attn/out/kernel.*axes=\(-3, -2\)"):
+    rules_lib.resolve([(r'.*/out/kernel', NMSpec(1, 8))], PARAMS, log=False)
+  specs = _by_path(rules_lib.resolve([(r'.*/query/kernel', NMSpec(1, 8, (-3,)))], PARAMS, log=False))
+  assert specs['encoder/block_0/attn/query/kernel'].axes == (-3,)
+  stacked = {'scan': {'kernel': jax.ShapeDtypeStruct((3, 64, 32), jnp.float32)}}
+  with pytest.raises(ValueError, match='nn.scan'):
+    rules_lib.resolve([(r'scan/kernel', NMSpec(1, 8))], stacked, log=False)
+
+
+def _s(*shape):
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+# Parameter names of common Flax models (as their code names them), with their classifier or
+# LM heads: each must stay dense under every preset (SPEC.md section 3: never the head).
+COMMON_MODELS = {
+    'big_vision ViT': {'Transformer': {'encoderblock_0': {'MlpBlock_0': {
+        'Dense_0': {'kernel': _s(64, 256)}, 'Dense_1': {'kernel': _s(256, 64)}}}},
+        'pre_logits': {'kernel': _s(64, 64)}, 'head': {'kernel': _s(64, 16)}},
+    'ViT with mlp_head': {'transformer': {'layers_0': {'mlp': {
+        'fc1': {'kernel': _s(64, 256)}, 'fc2': {'kernel': _s(256, 64)}}}},
+        'mlp_head': {'Dense_0': {'kernel': _s(64, 64)}, 'kernel': _s(64, 16)}},
+    'classifier': {'encoder': {'layer_0': {'ffn': {'wi': {'kernel': _s(64, 256)},
+                                                   'wo': {'kernel': _s(256, 64)}}}},
+                   'classifier': {'kernel': _s(64, 16)}},
+    'GPT with lm_head': {'h_0': {'mlp': {'c_fc': {'kernel': _s(64, 256)},
+                                         'c_proj': {'kernel': _s(256, 64)}}},
+                         'lm_head': {'kernel': _s(64, 512)}},
+    'T5X': {'decoder': {'layers_0': {'mlp': {'wi_0': {'kernel': _s(64, 256)},
+                                             'wo': {'kernel': _s(256, 64)}}},
+                        'logits_dense': {'kernel': _s(64, 512)}},
+            'logits': {'kernel': _s(64, 512)}},
+}
+HEADS = ('head', 'pre_logits', 'mlp_head', 'classifier', 'lm_head', 'logits_dense', 'logits')
+
+
+@pytest.mark.parametrize('model', sorted(COMMON_MODELS))
+@pytest.mark.parametrize('preset', ['mlp', 'mlp_qkv', 'all'])
+def test_presets_never_sparsify_a_head(model, preset):
+  """Regression (issue 11, item 10): ``mlp`` matched ``mlp_head/kernel``."""
+  params = COMMON_MODELS[model]
+  specs = _by_path(rules_lib.resolve(nmsparse.preset(preset, 1, 8), params, log=False,
+                                     allow_unused=True))
+  sparse = {k for k, v in specs.items() if v is not None}
+  assert not any(k.split('/')[0] in HEADS or f'/{h}/' in f'/{k}' for k in sparse for h in HEADS), sparse
+  mlp = {k for k in specs if any(f'/{b}/' in f'/{k}' for b in ('MlpBlock_0', 'mlp', 'ffn'))
+         and not k.startswith('mlp_head')}
+  assert sparse == mlp, (sparse, mlp)  # Every MLP kernel, nothing else (no attention here).
+
+
+def _project_model_names(config_file):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from experiments.tasks import get_task  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), '..', 'configs', config_file)
+  spec = importlib.util.spec_from_file_location(config_file[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(None)
+  task = get_task(config.task)
+  model = task.build_model(config)
+  params = jax.eval_shape(lambda: task.init(model, jax.random.key(0), task.dummy_batch(config, 2)))
+  return params, task.preset_kwargs
+
+
+# What each preset must pick in the project's own models (by hand from SPEC.md section 3).
+PROJECT_MODELS = {
+    'vit_fashion_mnist.py': {
+        'mlp': r'Transformer/encoderblock_\d+/MlpBlock_0/Dense_[01]/kernel',
+        'mlp_qkv': r'Transformer/encoderblock_\d+/(MlpBlock_0/Dense_[01]|MultiHeadDotProductAttention_0/(query|key|value))/kernel',
+        'all': r'Transformer/encoderblock_\d+/(MlpBlock_0/Dense_[01]|MultiHeadDotProductAttention_0/(query|key|value|out))/kernel'},
+    'swinv2_fashion_mnist.py': {
+        'mlp': r'stage_\d+/block_\d+/MlpBlock_0/Dense_[01]/kernel',
+        'mlp_qkv': r'stage_\d+/block_\d+/(MlpBlock_0/Dense_[01]|attn/(query|key|value))/kernel'},
+    't5_english_text.py': {
+        'mlp': r'(en|de)coder/layers_\d+/mlp/(wi_[01]|wo)/kernel',
+        'all': r'(en|de)coder/layers_\d+/(mlp/(wi_[01]|wo)|(self_attention|encoder_decoder_attention)/[qkvo])/kernel'},
+}
+
+
+@pytest.mark.parametrize('config_file', sorted(PROJECT_MODELS))
+def test_presets_on_the_project_models(config_file):
+  import re  # pylint: disable=g-import-not-at-top
+  params, kwargs = _project_model_names(config_file)
+  names = [k for k, _ in rules_lib.named_leaves(params)]
+  for preset, want in PROJECT_MODELS[config_file].items():
+    specs = _by_path(rules_lib.resolve(nmsparse.preset(preset, 1, 4, **kwargs), params, log=False,
+                                       allow_unused=True))
+    sparse = sorted(k for k, v in specs.items() if v is not None)
+    assert sparse == sorted(k for k in names if re.fullmatch(want, k)), (config_file, preset)
+    assert not any(k.split('/')[0] in HEADS or 'logits' in k or 'cpb_mlp' in k for k in sparse)

@@ -53,7 +53,9 @@ def test_to_steps():
   assert to_steps(0.0, 1000, 'x') == 0
   assert to_steps(0, 1000, 'x') == 0
   assert to_steps(1000, 1000, 'x') == 1000
-  assert to_steps(0.25, 10, 'x') in (2, 3)  # Rounded.
+  assert to_steps(0.25, 10, 'x') == 3  # Half rounds up: floor(2.5 + 0.5), not Python's round (2).
+  assert to_steps(0.45, 10, 'x') == 5
+  assert to_steps(0.24, 10, 'x') == 2
   assert to_steps(1 / 3, 999, 'x') == 333
 
 
@@ -135,8 +137,8 @@ def test_exponential_decay_values():
   ts = [0, 1, 1000, 6931, 10000, 50000]
   expect = [1.0, 0.999900005, 0.904837418, 0.500023591, 0.367879441, 0.006737947]
   np.testing.assert_allclose(np.asarray(d(jnp.array(ts))), expect, rtol=1e-5)
-  assert Decay().kind == 'exponential' and Decay().rate == 2e-4
-  assert f(Decay()(5000)) == pytest.approx(math.exp(-1.0), rel=1e-6)
+  with pytest.raises(ValueError, match='rate'):  # No hidden absolute default.
+    Decay('exponential')
 
 
 def test_cosine_decay_values():
@@ -155,11 +157,16 @@ def test_stepwise_decay_values():
                              [1.0, 1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.0, 0.0, 0.0], atol=1e-7)
 
 
-def test_stepwise_decay_levels_cap():
-  # width 0.05 and at most 4 levels: never below 1 - 4 * 0.05 = 0.8.
+def test_stepwise_decay_is_zero_from_level_levels_on():
+  """Regression (issue 11, item 4): as the predecessor JAX code, a = 0 from level ``levels`` on,
+  even when ``levels * width`` < 1 (width 0.05 and 16 levels would otherwise stay at 0.2)."""
+  d = Decay('stepwise', interval=10, width=0.05)  # 16 levels
+  ts = jnp.array([0, 10, 150, 159, 160, 10**6])
+  # k = 0, 1, 15, 15, 16, ...: 1, 0.95, 0.25, 0.25, then 0.
+  np.testing.assert_allclose(np.asarray(d(ts)), [1.0, 0.95, 0.25, 0.25, 0.0, 0.0], rtol=1e-6, atol=0)
   d = Decay('stepwise', interval=10, levels=4, width=0.05)
-  ts = jnp.array([0, 10, 30, 40, 100, 10**6])
-  np.testing.assert_allclose(np.asarray(d(ts)), [1.0, 0.95, 0.85, 0.8, 0.8, 0.8], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(d(jnp.array([0, 10, 30, 39, 40, 100]))),
+                             [1.0, 0.95, 0.85, 0.85, 0.0, 0.0], rtol=1e-6, atol=0)
   # Default: 16 levels of width 1/16.
   d = Decay('stepwise', interval=5)
   np.testing.assert_allclose(np.asarray(d(jnp.array([0, 5, 40, 79, 80, 800]))),
@@ -168,6 +175,27 @@ def test_stepwise_decay_levels_cap():
   d = Decay('stepwise', interval=10, levels=16, width=0.3)
   np.testing.assert_allclose(np.asarray(d(jnp.array([0, 10, 30, 40, 160]))),
                              [1.0, 0.7, 0.1, 0.0, 0.0], atol=1e-6)
+
+
+def test_decay_over_a_sparse_phase():
+  """``Decay.over``: the shape relative to the sparse phase, by hand."""
+  d = Decay.over('exponential', 1000, final=0.01)
+  assert d.rate == pytest.approx(math.log(100) / 1000)
+  assert f(d(1000)) == pytest.approx(0.01, rel=1e-5)
+  d = Decay.over('linear', 1000, duration=0.8)
+  assert f(d(400)) == pytest.approx(0.5, abs=1e-6) and f(d(800)) == 0.0
+  d = Decay.over('linear', 1000, duration=1)  # The whole sparse phase.
+  assert f(d(500)) == pytest.approx(0.5, abs=1e-6)
+  with pytest.raises(ValueError, match='fraction'):
+    Decay.over('linear', 1000, duration=200)
+  d = Decay.over('cosine', 1000, duration=0.5)
+  assert d.duration == 500 and f(d(250)) == pytest.approx(0.5, abs=1e-6)
+  d = Decay.over('stepwise', 1000, levels=4)  # 4 levels of 250 steps.
+  assert d.interval == 250
+  np.testing.assert_allclose(np.asarray(d(jnp.array([249, 250, 999, 1000]))), [1.0, 0.75, 0.25, 0.0])
+  assert Decay.over('exponential', 1000, final=0.5, rate=1e-3).rate == 1e-3  # Absolute wins.
+  with pytest.raises(ValueError, match='final'):
+    Decay.over('exponential', 1000, final=0.0)
 
 
 def test_decay_under_jit_and_array_steps():
@@ -340,7 +368,5 @@ def test_decay_is_pure_function_of_step():
   p = Phases.from_durations(1000, dense=0.3)
   d = Decay('exponential', rate=1e-2)
   f_jit = jax.jit(lambda step: d(p.t(step)))
-  direct = np.asarray(f_jit(jnp.arange(1000)))
-  for s in (0, 299, 300, 301, 512, 999):
-    assert float(f_jit(jnp.int32(s))) == direct[s]
-    assert direct[s] == pytest.approx(math.exp(-1e-2 * max(0, s - 300)), rel=1e-5)
+  for s in (0, 299, 300, 301, 512, 999):  # Each step evaluated fresh, as after a restore.
+    assert float(f_jit(jnp.int32(s))) == pytest.approx(math.exp(-1e-2 * max(0, s - 300)), rel=1e-6)

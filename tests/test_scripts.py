@@ -31,7 +31,7 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 def fake_config(recipe='srste', nm='2:4', seed=0, task='classification', total_steps=100, **recipe_kw):
   """A config.json with what tables and figures read (the FLOPs tests use a real config)."""
   dense_frac = 0.0 if recipe == 'step' else 0.1  # STEP's dense phase ends at its AutoSwitch.
-  rc = nmsparse.recipe_config(recipe, dense_frac=dense_frac, finetune_frac=0.1, **recipe_kw).to_dict()
+  rc = nmsparse.recipe_config(recipe, dense_frac=dense_frac, finetune_frac=0.1, **recipe_kw)
   return {'task': task, 'model': {'name': 'vit', 'variant': 'mu/7'}, 'data': {'name': 'fake_data'},
           'seed': seed, 'total_steps': total_steps, 'total_epochs': None, 'batch_size': 8,
           'sparsity': {'nm': nm, 'layers': 'mlp', 'recipe': rc, 'rules': None}}
@@ -371,13 +371,13 @@ def test_t5_tokens_and_attention_macs_by_hand():
 
 def test_schedule_curves_and_seed_mean_by_hand():
   lin = nmsparse.recipe_config('mdgf', dense_frac=0.1, finetune_frac=0.1,
-                               **{'decay.kind': 'linear', 'decay.rate': 0.01}).to_dict()
+                               **{'decay.kind': 'linear', 'decay.rate': 0.01})
   steps, a, d = figures.schedule_curves(lin, 100, '2:4')
   assert list(steps) == list(range(100))
   # Dense until step 10, then a = 1 - 0.01 (step - 10), fine-tune from step 90 (a = 0).
   assert (a[0], a[10], a[30], a[95]) == (1.0, 1.0, pytest.approx(0.8), 0.0)
   assert (d[5], d[10], d[95]) == (1.0, 0.5, 0.5)
-  sdgf = nmsparse.recipe_config('sdgf', dense_frac=0.1, finetune_frac=0.1).to_dict()
+  sdgf = nmsparse.recipe_config('sdgf', dense_frac=0.1, finetune_frac=0.1)
   _, a, d = figures.schedule_curves(sdgf, 100, '1:8')
   # Stepwise 7:8, 4:8, 2:8, 1:8 over the 80 sparse steps: stages start at 10, 30, 50, 70.
   assert [d[i] for i in (9, 10, 29, 30, 50, 70, 99)] == [1.0, 7 / 8, 7 / 8, 0.5, 0.25, 0.125, 0.125]

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from array_record.python import array_record_data_source
 
+from experiments.data import defaults
 from experiments.data import mixup as mixup_lib
 from experiments.data import preprocess
 from experiments.data import sources
@@ -31,26 +32,7 @@ from experiments.data import sources
 Batch = dict[str, np.ndarray]
 
 
-def default_config(**overrides: Any) -> ml_collections.ConfigDict:
-  """The data fields ``make_input`` reads, with their defaults (the offline Fashion-MNIST)."""
-  config = ml_collections.ConfigDict(dict(
-      name='nm_fashion_mnist',  # Or 'mnist', 'cifar10', 'imagenet2012'.
-      # tfds data_dir; None: TFDS_DATA_DIR or ~/tensorflow_datasets.
-      data_dir=ml_collections.FieldReference(None, field_type=str),
-      # Folder of the nm_fashion_mnist idx files; None: the Debian package's.
-      source_dir=ml_collections.FieldReference(None, field_type=str),
-      image_size=ml_collections.FieldReference(None, field_type=int),  # None: the dataset's native size.
-      crop='resize',  # 'resize' | 'inception' | 'pad' (see preprocess.ExamplePreprocess).
-      flip=False,
-      randaugment_layers=0,  # 0: no RandAugment.
-      randaugment_magnitude=10.0,
-      mixup_alpha=0.0,  # 0: no mixup; else train batches gain 'soft_label'.
-      normalize='minus_one_one',  # Or 'imagenet'.
-      num_threads=4,  # Threads that each build whole batches.
-      prefetch_batches=4,
-  ))
-  config.update(overrides)
-  return config
+default_config = defaults.image
 
 
 def over_defaults(config: ml_collections.ConfigDict | dict[str, Any], defaults: ml_collections.ConfigDict,

@@ -20,10 +20,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+from experiments.data.defaults import PAIRS_NAME, TEXT_NAME
 from experiments.data.text import bible
 
-PAIRS_NAME = 'nm_bible_pairs'
-TEXT_NAME = 'nm_english_text'
 SOURCE_SUBDIR = 'bible_raw'  # Under data_dir: the cached raw exports (kjv.txt, web.txt).
 PAIR_SPLITS = {'train': 98, 'validation': 1, 'test': 1}  # Percent.
 MIN_PARAGRAPH_CHARS, MAX_PARAGRAPH_CHARS = 512, 1000

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
+from experiments.data import defaults
 from experiments.data import pipeline as image_pipeline
 from experiments.data.text import builders
 from experiments.data.text import span_corruption as sc
@@ -45,30 +46,7 @@ OBJECTIVES = ('span_corruption', 'seq2seq')
 EOS_ID, PAD_ID = sc.EOS_ID, sc.PAD_ID
 
 
-def default_config(**overrides: Any) -> ml_collections.ConfigDict:
-  """The text data fields ``make_input`` reads, with their defaults (offline span corruption)."""
-  config = ml_collections.ConfigDict(dict(
-      name=builders.TEXT_NAME,  # Or 'nm_bible_pairs', 'c4/en:3.1.0' (prepared as array_record).
-      objective='span_corruption',  # Or 'seq2seq'.
-      data_dir=ml_collections.FieldReference(None, field_type=str),  # None: TFDS_DATA_DIR or ~/tensorflow_datasets.
-      source_dir=ml_collections.FieldReference(None, field_type=str),  # Raw KJV/WEB exports (offline data).
-      # SentencePiece model; None: DATA_DIR/nm_text_vocab/spm.model, trained on first use (offline data).
-      vocab=ml_collections.FieldReference(None, field_type=str),
-      vocab_pieces=8000,  # Size of the vocabulary trained on first use.
-      num_extra_ids=sc.NUM_EXTRA_IDS,  # Sentinel ids above the vocabulary.
-      inputs_length=128,
-      targets_length=ml_collections.FieldReference(None, field_type=int),  # None: from inputs_length.
-      noise_density=0.15,
-      mean_span_length=3.0,
-      text_key='text',
-      source_key='source',
-      target_key='target',
-      source_prefix='',  # Prepended to every seq2seq source, e.g. 'modernize: '.
-      num_threads=4,
-      prefetch_batches=4,
-  ))
-  config.update(overrides)
-  return config
+default_config = defaults.text
 
 
 def _resolve(config: ml_collections.ConfigDict | dict[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from experiments.data.defaults import NUM_EXTRA_IDS
+
 PAD_ID, EOS_ID = 0, 1
-NUM_EXTRA_IDS = 100
 
 
 def _lengths(num_tokens: int, noise_density: float, mean_span_length: float) -> tuple[int, int]:
