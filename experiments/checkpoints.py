@@ -203,8 +203,9 @@ def check_meta(stored: dict, current: dict, step: int, directory: str) -> None:
     elif stored[key] != current[key]:
       raise RunLengthMismatch(
           f'The checkpoint at step {step} in {directory} was written for {key}={stored[key]}, this config '
-          f'gives {key}={current[key]}; every sparsity schedule is derived from the run length. Resume with '
-          f'the same run length (e.g. --config.total_steps={stored.get("total_steps")}), or use a new --workdir.')
+          f'gives {key}={current[key]}; every sparsity schedule is derived from the run length. Use the '
+          f'checkpoint\'s run length (e.g. --config.total_steps={stored.get("total_steps")}), or train in a new '
+          '--workdir.')
 
 
 def flat_shapes(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:

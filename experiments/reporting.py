@@ -96,6 +96,8 @@ class Progress:
 
   def eta(self, step: int) -> float:
     """Seconds left from ``step`` to the end (nan until an ordinary step time is known)."""
+    if step >= self.total:
+      return 0.0
     diag = count_diagnostics_steps(step, self.total, self.every, self.total)
     diag_time = self.diag_time if math.isfinite(self.diag_time) else self.step_time
     return (self.total - step - diag) * self.step_time + diag * diag_time

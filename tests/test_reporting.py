@@ -91,3 +91,10 @@ def test_pause_excludes_evaluation_time():
 def test_count_diagnostics_steps_matches_the_loop_rule(start, stop, every, total):
   expected = sum(reporting.is_diagnostics_step(s, every, total) for s in range(start, stop))
   assert reporting.count_diagnostics_steps(start, stop, every, total) == expected
+
+
+def test_eta_is_zero_at_the_end_even_before_a_rate_is_known():
+  clock = FakeClock()
+  progress = reporting.Progress(0, 20, clock=clock)
+  clock.now += 5.0
+  assert progress.update(20).endswith('ETA 0:00:00')
