@@ -46,7 +46,14 @@ def run(cmd, what, *, cwd, env, timeout):
   return out
 
 
-def test_pip_install_alone_runs_the_readme_quickstart(tmp_path):
+@pytest.fixture
+def venv_dir(tmp_path):
+  """A folder for the venv, deleted afterwards: about 600 MB, and pytest keeps three runs' tmp_paths."""
+  yield str(tmp_path / 'venv')
+  shutil.rmtree(tmp_path / 'venv', ignore_errors=True)
+
+
+def test_pip_install_alone_runs_the_readme_quickstart(tmp_path, venv_dir):
   if not os.path.exists(LOCK):
     pytest.fail(f'no lock file {LOCK} for Python {sys.version.split()[0]}: make one with '
                 f'bash scripts/lock.sh {sys._base_executable}')
@@ -56,7 +63,7 @@ def test_pip_install_alone_runs_the_readme_quickstart(tmp_path):
   env = {k: v for k, v in os.environ.items()
          if k not in ('PYTHONPATH', 'PYTHONHOME', 'VIRTUAL_ENV', 'PYTHONSTARTUP', 'PIP_REQUIRE_VIRTUALENV')}
   env.update(PYTHONNOUSERSITE='1', PIP_DISABLE_PIP_VERSION_CHECK='1', JAX_PLATFORMS='cpu')
-  venv = str(tmp_path / 'venv')
+  venv = venv_dir
   python = os.path.join(venv, 'bin', 'python')
   # No pip inside the venv (nothing the project needs): this Python's pip installs into it.
   run([sys._base_executable, '-m', 'venv', '--without-pip', venv], 'python -m venv', cwd=tmp_path, env=env,
