@@ -6,6 +6,7 @@ the run length from the checkpoint, and a clear error for each kind of bad input
 anything is compiled or written.
 """
 
+import fcntl
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import pytest
 from absl import flags
 
 from configs import vit_fashion_mnist
-from conftest import ROOT, run_main
+from conftest import ROOT
 from experiments import checkpoints
 from experiments import evaluate as evaluate_lib
 from experiments import main as main_lib
@@ -100,21 +101,37 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('tfds'))
 
 
+def _shared_dir(tmp_path_factory):
+  """A folder that every pytest-xdist worker of this session shares (the session's own without xdist)."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+
+
 @pytest.fixture(scope='module')
-def trained(fmnist_source, data_dir, tmp_path_factory):
-  """One in-process run of STEPS steps (checkpoints 4 and 8): ``(workdir, final metrics, log lines)``."""
-  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
-  messages = Messages()
-  root = logging.getLogger()
-  level = root.level
-  root.addHandler(messages)
-  root.setLevel(logging.INFO)
-  try:
-    final = train_lib.train_and_evaluate(make_config(fmnist_source, data_dir, **TRAINED), workdir)
-  finally:
-    root.removeHandler(messages)
-    root.setLevel(level)
-  return workdir, final, messages.lines
+def trained(fmnist_source, tmp_path_factory):
+  """One in-process run of STEPS steps (checkpoints 4 and 8): ``(workdir, final metrics, log lines)``.
+
+  Trained once per session: under xdist, the first worker trains and the others wait for it.
+  """
+  shared = _shared_dir(tmp_path_factory) / 'test_train_trained'
+  shared.mkdir(exist_ok=True)
+  workdir, result = str(shared / 'run'), shared / 'result.json'
+  with open(shared / 'lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not result.exists():
+      messages = Messages()
+      root = logging.getLogger()
+      level = root.level
+      root.addHandler(messages)
+      root.setLevel(logging.INFO)
+      try:
+        final = train_lib.train_and_evaluate(make_config(fmnist_source, str(shared / 'tfds'), **TRAINED), workdir)
+      finally:
+        root.removeHandler(messages)
+        root.setLevel(level)
+      result.write_text(json.dumps({'final': final, 'lines': messages.lines}))
+  out = json.loads(result.read_text())
+  return workdir, out['final'], out['lines']
 
 
 @pytest.fixture
@@ -203,8 +220,9 @@ def test_unreadable_latest_checkpoint_falls_back_and_is_replaced(copy_of_trained
       if os.path.basename(root) == 'd':
         with open(os.path.join(root, name), 'wb') as f:
           f.write(b'garbage')
+  config = make_config(fmnist_source, data_dir, **TRAINED, diagnostics_every_steps=0)  # 0: one step to compile.
   with caplog.at_level(logging.INFO):
-    final = train_lib.train_and_evaluate(make_config(fmnist_source, data_dir, **TRAINED), copy_of_trained)
+    final = train_lib.train_and_evaluate(config, copy_of_trained)
   assert any(f'checkpoint {STEPS}' in r.getMessage() and 'unreadable' in r.getMessage() for r in caplog.records)
   assert any('resumed from checkpoint 4' in r.getMessage() for r in caplog.records)
   assert final['step'] == STEPS
@@ -273,7 +291,8 @@ def test_bad_inputs_fail_before_compiling_or_writing(fmnist_source, data_dir, tm
 
 
 def test_nan_loss_aborts_with_the_step_range(fmnist_source, data_dir, tmp_path):
-  config = make_config(fmnist_source, data_dir, total_steps=12, **{'optimizer.lr': 1e30, 'optimizer.clip': 0.0})
+  config = make_config(fmnist_source, data_dir, total_steps=12, diagnostics_every_steps=0,
+                       **{'optimizer.lr': 1e30, 'optimizer.clip': 0.0})
   with pytest.raises(FloatingPointError, match=r'diverged in steps \('):
     train_lib.train_and_evaluate(config, str(tmp_path / 'nan'))
 
@@ -290,14 +309,16 @@ def _wait_for_checkpoint(ckpt_dir, step, proc, timeout=300):
   raise AssertionError(f'no checkpoint {step} within {timeout} s')
 
 
-def test_sigkill_and_resume_gives_identical_params(fmnist_source, data_dir, tmp_path):
+def test_sigkill_and_resume_gives_identical_params(fmnist_source, data_dir, tmp_path, caplog):
   extra = ('--config.total_steps=16', '--config.checkpoint_every_steps=4',
            '--config.sparsity.recipe.name=srste')
   straight = str(tmp_path / 'straight')  # In process: the same program as the command line's.
-  train_lib.train_and_evaluate(make_config(fmnist_source, data_dir, total_steps=16, checkpoint_every_steps=4,
-                                           **{'sparsity.recipe.name': 'srste'}), straight)
+  config = make_config(fmnist_source, data_dir, total_steps=16, checkpoint_every_steps=4,
+                       **{'sparsity.recipe.name': 'srste'})
+  train_lib.train_and_evaluate(config, straight)
   killed = str(tmp_path / 'killed')
-  proc = subprocess.Popen([sys.executable, '-m', 'experiments.main', *base_args(fmnist_source, killed, *extra)],
+  args = base_args(fmnist_source, killed, *extra, f'--config.data.data_dir={data_dir}')  # Prepared above.
+  proc = subprocess.Popen([sys.executable, '-m', 'experiments.main', *args],
                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     _wait_for_checkpoint(os.path.join(killed, 'checkpoints'), 8, proc)
@@ -305,8 +326,9 @@ def test_sigkill_and_resume_gives_identical_params(fmnist_source, data_dir, tmp_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
   assert not os.path.exists(os.path.join(killed, 'final_metrics.json'))
-  out = run_main(base_args(fmnist_source, killed, *extra))
-  assert 'resumed from checkpoint' in out.stderr
+  with caplog.at_level(logging.INFO):  # The resume in process: the same program as the command line's.
+    train_lib.train_and_evaluate(config, killed)
+  assert any(r.getMessage().startswith('resumed from checkpoint') for r in caplog.records)
   a, b = dict(leaves(final_state(straight, 16))), dict(leaves(final_state(killed, 16)))
   assert a.keys() == b.keys() and len(a) > 10
   for key in a:
