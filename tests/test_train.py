@@ -357,3 +357,16 @@ def test_refused_resume_exits_with_one_line(copy_of_trained, fmnist_source, data
     main_lib.run('train', config, copy_of_trained)
   assert e.value.code.startswith(f'FATAL SparsityMismatch: The checkpoint at step {STEPS}')
   assert '\n' not in e.value.code
+
+
+def test_a_resume_under_another_environment_is_logged(tmp_path, caplog):
+  config = ml_collections.ConfigDict({'x': 1})
+  before = {'python': '3.12.1', 'packages': {'jax': '0.1'}}
+  train_lib.write_run_files(str(tmp_path), config, before)
+  with caplog.at_level(logging.WARNING):
+    train_lib.write_run_files(str(tmp_path), config, before | {'packages': {'jax': '0.2'}})
+  [record] = [r for r in caplog.records if 'another environment' in r.getMessage()]
+  assert "'packages': {'before': {'jax': '0.1'}, 'now': {'jax': '0.2'}}" in record.getMessage()
+  assert 'python' not in record.getMessage()
+  assert json.load(open(tmp_path / 'environment.json'))['packages'] == {'jax': '0.2'}
+  assert json.load(open(tmp_path / 'config.json')) == {'x': 1}
