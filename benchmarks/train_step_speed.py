@@ -48,7 +48,9 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 import nmsparse  # noqa: E402
+from configs import common  # noqa: E402
 from experiments import train as train_lib  # noqa: E402
+from experiments.data import defaults  # noqa: E402
 
 RECIPES = ('ste', 'srste', 'mdgf', 'sdgf', 'step', 'oneshot', 'hard')
 PRESETS = {'vit': ('mlp', 'mlp_qkv'), 't5': ('mlp', 'all')}
@@ -78,7 +80,8 @@ def _common(c: ml_collections.ConfigDict, recipe: str, layers: str, nm: str, bat
       name='adamw', lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=1e-4, clip=1.0, schedule='cosine',
       warmup_steps=10, base_batch=None))
   c.sparsity = ml_collections.ConfigDict(dict(
-      recipe=nmsparse.recipe_config(recipe, **over), nm=nm, layers=layers, rules=None))
+      recipe=common.typed(nmsparse.recipe_config(recipe, **over)), nm=nm, layers=layers,
+      rules=ml_collections.config_dict.placeholder(tuple)))
 
 
 def make_config(model: str, recipe: str, layers: str, nm: str, depth: int,
@@ -93,12 +96,11 @@ def make_config(model: str, recipe: str, layers: str, nm: str, depth: int,
     c.data = ml_collections.ConfigDict(dict(image_size=IMAGE))
     c.loss = 'softmax_xent'
   else:
-    from experiments.data.text import pipeline as text_pipeline  # pylint: disable=g-import-not-at-top
     c.task = 'span_corruption'
     c.model = ml_collections.ConfigDict(dict(
         name='t5', variant='small', vocab_size=32128, dropout_rate=0.0,
         kwargs=dict(num_encoder_layers=depth, num_decoder_layers=depth)))
-    c.data = text_pipeline.default_config(inputs_length=T5_INPUTS, targets_length=T5_TARGETS)
+    c.data = defaults.text(inputs_length=T5_INPUTS, targets_length=T5_TARGETS)
     c.z_loss = 1e-4
   _common(c, recipe, layers, nm, batch)
   return c
@@ -181,7 +183,8 @@ class Variant:
     state = train_lib.create_state(s, jax.random.key(0))
     start = None
     if self.recipe == 'sdgf':  # The last stage: the target N:M, as every other recipe.
-      start = int(s.sp.stage_starts()[-1]) + 1
+      start = max(s.sp.schedule(x).starts[-1] for x in nmsparse.rules.spec_leaves(s.sp.specs)
+                  if x is not None) + 1
     elif self.recipe not in ('dense', 'step'):  # Past the dense warm-up.
       start = s.sp.phases.dense_end + 1
     if start is not None:
