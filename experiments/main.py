@@ -59,6 +59,7 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
     config = flag_values['config'].value
     if not isinstance(config, ml_collections.ConfigDict):
       config.keys()  # ml_collections defers a load failure (OSError) to the first access.
+    _check_recipe(config, argv)
   except flags.Error as e:
     _fail(_flag_error_line(e, argv))
   except (AttributeError, KeyError) as e:
@@ -69,6 +70,18 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   except OSError as e:
     _fail(_load_error_line(e, argv))
   return rest
+
+
+def _check_recipe(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+  """The sparsity recipe with its ``--config.sparsity.recipe.*`` overrides, checked now."""
+  import nmsparse  # pylint: disable=g-import-not-at-top
+  if 'sparsity' not in config:
+    return
+  try:
+    nmsparse.recipes.check_config(config.sparsity.recipe)
+  except (ValueError, TypeError, KeyError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    _fail(f'{_arg(argv, "config")}: config.sparsity.recipe: {_one_line(message)}')
 
 
 def _fail(line: str) -> NoReturn:

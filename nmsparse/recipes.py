@@ -160,6 +160,30 @@ def _check_type(key: str, value: Any, default: Any) -> None:
                     f'expected {getattr(want, "__name__", want)}.')
 
 
+def check_config(config: Any) -> dict[str, Any]:
+  """The full recipe config from a partial dict or ``ConfigDict``, with every check that needs
+  no run length (keys, types, names, ranges); errors name the bad key."""
+  c = recipe_config(**_flatten(_as_dict(config)))
+  if c['finetune_mask'] not in ('per_step', 'frozen'):
+    raise ValueError(f'finetune_mask={c["finetune_mask"]!r}; choose "per_step" or "frozen".')
+  if c['mdgf_backward'] not in ops.MDGF_BACKWARDS:
+    raise ValueError(f'mdgf_backward={c["mdgf_backward"]!r}; choose one of {ops.MDGF_BACKWARDS}.')
+  if c['refresh_every'] < 1:
+    raise ValueError(f'refresh_every must be >= 1 step, got {c["refresh_every"]}.')
+  if c['srste_lambda'] < 0:
+    raise ValueError(f'srste_lambda must be >= 0, got {c["srste_lambda"]}.')
+  if c['sdgf_inner'] not in ('ste', 'mdgf'):
+    raise ValueError(f'sdgf_inner={c["sdgf_inner"]!r}; choose "ste" or "mdgf".')
+  if c['name'] == 'step' and (c['dense_steps'] or c['dense_frac']):
+    raise ValueError('recipe "step" finds its dense phase by AutoSwitch: leave dense_frac/'
+                     'dense_steps at 0 and set step.t_min / step.t_max instead.')
+  d, st = c['decay'], c['structure']
+  schedules.Decay.over(d['kind'], 1, final=d['final'], duration=d['duration'], rate=d['rate'],
+                       interval=d['interval'], levels=d['levels'], width=d['width'])
+  schedules.Structure(kind=st['kind'], levels=st['levels'], stages=tuple(st['stages'] or ()))
+  return c
+
+
 def _as_dict(config: Any) -> dict:
   """A plain dict from a dict or an ``ml_collections.ConfigDict`` (which has ``to_dict``)."""
   return config.to_dict() if hasattr(config, 'to_dict') else dict(config)
@@ -196,26 +220,12 @@ class Recipe:
   @classmethod
   def from_config(cls, config: Any, total_steps: int) -> 'Recipe':
     """Parses a (possibly partial) recipe config, dict or ``ConfigDict``; errors name the bad key."""
-    raw = _as_dict(config)
-    c = recipe_config(**_flatten(raw))
+    c = check_config(config)
     dense = c['dense_steps'] if c['dense_steps'] is not None else float(c['dense_frac'])
     finetune = c['finetune_steps'] if c['finetune_steps'] is not None else float(c['finetune_frac'])
-    if c['name'] == 'step' and dense:
-      raise ValueError('recipe "step" finds its dense phase by AutoSwitch: leave dense_frac/'
-                       'dense_steps at 0 and set step.t_min / step.t_max instead.')
     phases = schedules.Phases.from_durations(total_steps, dense, finetune)
-    if c['finetune_mask'] not in ('per_step', 'frozen'):
-      raise ValueError(f'finetune_mask={c["finetune_mask"]!r}; choose "per_step" or "frozen".')
-    if c['mdgf_backward'] not in ops.MDGF_BACKWARDS:
-      raise ValueError(f'mdgf_backward={c["mdgf_backward"]!r}; choose one of {ops.MDGF_BACKWARDS}.')
-    if c['refresh_every'] < 1:
-      raise ValueError(f'refresh_every must be >= 1 step, got {c["refresh_every"]}.')
-    if c['srste_lambda'] < 0:
-      raise ValueError(f'srste_lambda must be >= 0, got {c["srste_lambda"]}.')
     name = c['name']
     inner = 'mdgf' if name == 'mdgf_sdgf' else c['sdgf_inner']
-    if inner not in ('ste', 'mdgf'):
-      raise ValueError(f'sdgf_inner={inner!r}; choose "ste" or "mdgf".')
     decay = structure = step_kwargs = None
     if name == 'mdgf' or (name in ('sdgf', 'mdgf_sdgf') and inner == 'mdgf'):
       d = c['decay']

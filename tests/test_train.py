@@ -253,6 +253,10 @@ def parse(argv, monkeypatch, capsys):
     (('--config=configs/nope.py',), "--config=configs/nope.py: cannot load the config file ([Errno 2] No such file"),
     (('--config=configs/nope.py', '--config.total_steps=5'), 'cannot load the config file'),
     ((f'--config={CONFIG}', '--config.total_steps=abc'), 'total_steps=abc'),
+    ((f'--config={CONFIG},recipe=mdgff',), "Unknown recipe 'mdgff'"),
+    ((f'--config={CONFIG}', '--config.sparsity.recipe.name=mdgff'), "Unknown recipe 'mdgff'"),
+    ((f'--config={CONFIG}', '--config.sparsity.recipe.decay.final=2.0'), 'decay needs final'),
+    ((f'--config={CONFIG}', '--config.sparsity.recipe.finetune_mask=freeze'), "finetune_mask='freeze'"),
 ])
 def test_flag_errors_print_one_line_and_create_nothing(tmp_path, monkeypatch, capsys, args, message):
   workdir = tmp_path / 'work'
