@@ -58,7 +58,7 @@ def sparsity_rules(config: ml_collections.ConfigDict, task: Task) -> list:
   rules = []
   for rule in s.rules or ():
     regex, nm, *axes = rule
-    spec = None if nm is None else nmsparse.NMSpec(*nmsparse.parse_nm(nm), tuple(axes[0]) if axes else (-2,))
+    spec = None if nm is None else nmsparse.NMSpec(*nmsparse.parse_nm(nm), tuple(axes[0]) if axes else None)
     rules.append((regex, spec))
   if s.layers != 'none':
     rules += nmsparse.preset(s.layers, *nmsparse.parse_nm(s.nm), **task.preset_kwargs)
