@@ -5,7 +5,9 @@ No data and no accelerator are needed, so a broken pod config fails here, not on
 
 import glob
 import importlib.util
+import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 
 from conftest import ROOT
 from experiments import train as train_lib
+from nmsparse import rules as rules_lib
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, 'configs', '*.py')))
 CONFIG_FILES = [f for f in CONFIG_FILES if not os.path.basename(f).startswith(('_', 'common'))]
@@ -38,19 +41,90 @@ def test_every_config_file_is_covered():
   assert {os.path.basename(f) for f in CONFIG_FILES} <= {c for c, _ in CASES}
 
 
+# Tokens that meet each kernel per example, by model family (the published architectures):
+# a ViT block sees every patch (plus the class token with 'tok' pooling), its head one vector;
+# a T5 encoder kernel (and the decoder's cross-attention keys and values) the input tokens,
+# every other decoder kernel the target tokens; a SwinV2 stage s the (grid / 2^s)^2 tokens of its
+# resolution, its head one vector; the continuous position-bias MLP runs on the relative-offset
+# table, once per step whatever the batch, and is left out.
+SWIN_PATCH = {'mu': 2, 'B-w16': 4}  # swinv2_base_window16_256: patch 4.
+
+
+def tokens_per_kernel(config, batch, path: str) -> int:
+  m = config.model
+  if m.name == 'vit':
+    if path.startswith(('head/', 'pre_logits/')):
+      return 1
+    patch = int(m.variant.split('/')[1])
+    return (config.data.image_size // patch) ** 2 + (m.kwargs.get('pool_type') == 'tok')
+  if m.name == 't5':
+    if path.startswith('encoder/') or re.search(r'encoder_decoder_attention/[kv]/', path):
+      return batch['inputs'].shape[1]
+    return batch['targets'].shape[1]
+  if m.name == 'swinv2':
+    if path.startswith('head/'):
+      return 1
+    if '/cpb_mlp/' in path:
+      return 0
+    grid = config.data.image_size // SWIN_PATCH[m.variant]
+    if path.startswith('patch_embed/'):
+      return grid ** 2
+    return (grid >> int(re.match(r'stage_(\d+)/', path).group(1))) ** 2
+  raise AssertionError(f'no token count for model {m.name}')
+
+
+def matmul_train_flops(config, batch, params) -> float:
+  """A train step's matmul FLOPs by hand: forward, input gradient and weight gradient of every
+  kernel, each 2 FLOPs per weight per token (``nmsparse/flops.py``'s convention, counted here)."""
+  total = 0
+  for path, leaf in rules_lib.named_leaves(params):
+    if path.endswith('kernel') and len(leaf.shape) >= 2:
+      total += 3 * 2 * math.prod(leaf.shape) * tokens_per_kernel(config, batch, path) * config.batch_size
+  return total
+
+
 @pytest.mark.parametrize('name,arg', CASES)
 def test_config_lowers_with_abstract_shapes(name, arg):
+  """The train step of every config lowers on one CPU device from shapes alone, and the lowering is
+  the step the config describes:
+
+  * set-up and lowering run on a locked config, as ``--config`` gives it (``lock_config=True``):
+    nothing may add a field to it;
+  * the step maps the train state to a train state of the same tree, shapes, dtypes and
+    shardings (so the loop can feed it back, donate it and checkpoint it), donates its input
+    state, takes the config's batch and returns scalar metrics with the loss among them;
+  * XLA's FLOP count of the lowered step is that of a forward and backward pass over the
+    config's batch: between 1 and 2 times the matmul FLOPs counted by hand from the parameter
+    shapes and token counts (attention scores, norms and the optimizer make up the rest; a step
+    without its backward pass, with another batch or another model size falls outside).
+  """
   config = load(name, arg)
-  assert config.is_locked or True  # ConfigDicts lock when loaded by the flag (lock_config=True).
+  config.lock()
   s = train_lib.setup(config, steps_per_epoch=1000, devices=jax.devices()[:1])
   assert s.total_steps > 0
-  batch = s.task.dummy_batch(config, config.batch_size)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-  step = train_lib.make_train_step(s)
-  lowered = step.lower(s.abstract_state, abstract_batch)
-  assert 'func' in lowered.as_text()[:20000]
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(s.abstract_state.params))
   assert n_params > 1e4
+  # The batch's shapes from a 2-example dummy batch (a pod batch of images would take gigabytes).
+  abstract_batch = {k: jax.ShapeDtypeStruct((config.batch_size, *v.shape[1:]), v.dtype)
+                    for k, v in s.task.dummy_batch(config, 2).items()}
+  lowered = train_lib.make_train_step(s).lower(s.abstract_state, abstract_batch)
+
+  (state_in, batch_in), kwargs = lowered.args_info
+  assert not kwargs
+  assert all(a.donated for a in jax.tree.leaves(state_in))
+  assert not any(a.donated for a in jax.tree.leaves(batch_in))
+  assert {k: a.shape for k, a in batch_in.items()} == {k: v.shape for k, v in abstract_batch.items()}
+  new_state, metrics = lowered.out_info
+  assert jax.tree.structure(new_state) == jax.tree.structure(s.abstract_state)
+  for got, want, sharding in zip(jax.tree.leaves(new_state), jax.tree.leaves(s.abstract_state),
+                                 jax.tree.leaves(s.shardings)):
+    assert (got.shape, got.dtype) == (want.shape, want.dtype)
+    assert got.sharding == sharding
+  assert 'train/loss' in metrics and all(m.shape == () for m in metrics.values())
+
+  flops = lowered.cost_analysis()['flops']
+  by_hand = matmul_train_flops(config, abstract_batch, s.abstract_state.params)
+  assert 1.0 <= flops / by_hand <= 2.0, (flops, by_hand)
 
 
 def test_imagenet_config_mirrors_the_reference_recipe():
