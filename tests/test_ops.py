@@ -1,6 +1,6 @@
 """Tests for nmsparse.ops: forward formulas and vector-Jacobian products.
 
-Forwards are checked against SPEC.md section 2 computed in NumPy. Gradients are
+Forwards are checked against docs/method.md §2 computed in NumPy. Gradients are
 checked against hand derivations: for L(w~) = sum(c * w~^2) the gradient reaching
 the effective weight is g = 2 c w~, and for L(w~) = sum((x @ w~) * y) it is
 g = x^T y; the op then maps g to the table's "gradient reaching W". MDGF's
@@ -9,6 +9,7 @@ decay-scaled backward is also checked against central finite differences in floa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -191,14 +192,21 @@ def test_srste_default_lambda_is_2e_4():
   np.testing.assert_allclose(got, [1.0, 1.0, 1.0, 1.0], rtol=0, atol=0)
 
 
-@pytest.fixture
-def x64():
+@contextlib.contextmanager
+def enable_x64():
+  """float64 inside, the previous setting restored on exit (also when the body raises)."""
   prev = jax.config.read('jax_enable_x64')
   jax.config.update('jax_enable_x64', True)
   try:
     yield
   finally:
     jax.config.update('jax_enable_x64', prev)
+
+
+@pytest.fixture
+def x64():
+  with enable_x64():
+    yield
 
 
 def test_mdgf_decay_scaled_matches_finite_differences(x64):
@@ -236,8 +244,26 @@ def test_mdgf_decay_scaled_matches_finite_differences(x64):
   np.testing.assert_allclose(st[mask], fd[mask], rtol=1e-7, atol=1e-8)
 
 
-def test_x64_fixture_restored():
-  assert jnp.asarray(1.0).dtype == jnp.float32
+@pytest.mark.parametrize('before', [False, True])
+def test_x64_switch_is_restored_after_use_and_after_an_error(before):
+  """The float64 switch of the finite-difference test (``x64`` fixture) gives float64 inside and
+  puts back whatever was set before, also when the body raises, so no later test runs in float64.
+  Checked here in both starting states, whatever ran before this test."""
+  outer = jax.config.read('jax_enable_x64')
+  jax.config.update('jax_enable_x64', before)
+  try:
+    dtype = jnp.float64 if before else jnp.float32
+    assert jnp.asarray(1.0).dtype == dtype
+    with enable_x64():
+      assert jnp.asarray(1.0).dtype == jnp.float64
+    assert jax.config.read('jax_enable_x64') == before and jnp.asarray(1.0).dtype == dtype
+    with pytest.raises(RuntimeError, match='inside'):
+      with enable_x64():
+        assert jnp.asarray(1.0).dtype == jnp.float64
+        raise RuntimeError('inside')
+    assert jax.config.read('jax_enable_x64') == before and jnp.asarray(1.0).dtype == dtype
+  finally:
+    jax.config.update('jax_enable_x64', outer)
 
 
 def test_default_mdgf_backward_is_straight_through():
@@ -324,7 +350,8 @@ def test_unknown_mdgf_backward_raises_under_grad():
 
 def test_unknown_mdgf_backward_raises_on_forward_call():
   """A misspelled backward must not be silently accepted when no gradient is taken
-  (evaluation, export): the forward-only call must raise too (SPEC 5.6: no silent errors)."""
+  (evaluation, export): the forward-only call must raise too (no silent errors: reference bug 6,
+  docs/method.md §5)."""
   w = jnp.ones(4)
   m = jnp.array([True, False, True, False])
   with pytest.raises(ValueError, match='bogus'):
