@@ -1,7 +1,7 @@
 """Adapters on ordinary Flax models: every adapter equals an independent params-tree reference.
 
 The reference builds the effective weights in this file from ``nm_mask`` and the
-formulas of SPEC.md §2 (W~ = m W; (m + (1 - m) a) W) and derives gradients on its
+formulas of docs/method.md §2 (W~ = m W; (m + (1 - m) a) W) and derives gradients on its
 own: for STE-like recipes the gradient wrt W is the gradient wrt W~ evaluated at
 W~ (plus lambda (1 - m) W for SR-STE, times m0 for one-shot); for MDGF
 ``decay_scaled`` it is plain autodiff of (m + (1 - m) a) W with m held constant.
@@ -209,7 +209,7 @@ def _reference_parts(recipe: str, expected: tuple):
 
 
 def reference(recipe, plain_vg, expected, params, masks):
-  """Loss, output and gradient of the recipe from SPEC.md §2, derived in this file.
+  """Loss, output and gradient of the recipe from docs/method.md §2, derived in this file.
 
   ``plain_vg(p) -> ((loss, out), dL/dp)`` is the plain model (no nmsparse); the
   chain rule splits the gradient into the model's part at W~ and the recipe's.

@@ -1,4 +1,4 @@
-"""FLOPs accounting: ViT-B/16 inference against SPEC.md section 6, training FLOPs by hand."""
+"""FLOPs accounting: ViT-B/16 inference against docs/method.md §6, training FLOPs by hand."""
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ def vit_tokens(path):
 
 VIT_EXTRA = 12 * 2 * 197 * 197 * 768  # q k^T and attn @ v per block
 
-# SPEC.md section 6 (G MACs).
+# docs/method.md §6 (G MACs).
 TABLE = {
     'mlp': {(2, 4): 11.99, (1, 4): 9.20, (1, 8): 7.80, (1, 16): 7.11, (1, 32): 6.76, (1, 128): 6.50},
     'mlp_qkv': {(2, 4): 9.90, (1, 4): 6.06, (1, 8): 4.14, (1, 16): 3.19, (1, 32): 2.71,
@@ -67,7 +67,7 @@ def test_vit_dense_total():
 
 @pytest.mark.parametrize('preset', ['mlp', 'mlp_qkv'])
 def test_vit_table(preset):
-  """Exact MACs from a hand count; the SPEC table (2 decimals, rounded via 3) within 0.0055 G."""
+  """Exact MACs from a hand count; the docs/method.md §6 table (2 decimals, rounded via 3) within 0.0055 G."""
   dense = 12 * (197 * (4 * 768 * 768 + 2 * 768 * 3072) + 2 * 197 * 197 * 768) + 196 * 16 * 16 * 3 * 768 + 768 * 1000
   sparsified = 12 * 197 * (2 * 768 * 3072 + (3 * 768 * 768 if preset == 'mlp_qkv' else 0))
   got = {}

@@ -1,6 +1,6 @@
 """Recipes end to end on a params tree: forward, gradients, state, schedules, errors.
 
-Expected values come from NumPy re-derivations of the recipe table (SPEC.md section 2
+Expected values come from NumPy re-derivations of the recipe table (docs/method.md §2
 in the project's shared notes; the table in nmsparse/recipes.py's docstring) written
 here, never from the code under test.
 """
@@ -115,7 +115,8 @@ def test_forward_and_gradient_match_the_formulas(name):
                    'oneshot': np.where(mk, c, 0.0), 'hard': np.where(mk, c, 0.0)}[name]
     np.testing.assert_allclose(eff[layer]['kernel'], want_fwd, rtol=1e-6)
     np.testing.assert_allclose(grads[layer]['kernel'], want_grad, rtol=1e-6, atol=1e-7)
-  # Regression (reference bug 1): the bias of a sparse layer is kept, untouched, with its gradient.
+  # Regression (reference bug 1, docs/method.md §5): the bias of a sparse layer is kept, untouched,
+  # with its gradient.
   np.testing.assert_array_equal(eff['fc1']['bias'], params['fc1']['bias'])
   np.testing.assert_array_equal(grads['fc1']['bias'], COEF['fc1']['bias'])
 
@@ -222,11 +223,11 @@ def nz_per_group(kernel, m):
 
 
 @pytest.mark.parametrize('kind,pats', [
-    ('stepwise', [(3, 4), (2, 4), (1, 4)]),     # 1:4 -> 3:4, 2:4, 1:4 (SPEC: M-1, M/2, ..., N)
+    ('stepwise', [(3, 4), (2, 4), (1, 4)]),     # 1:4 -> 3:4, 2:4, 1:4 (docs/method.md §2: M-1, M/2, ..., N)
     ('densify', [(1, 32), (1, 16), (1, 8), (1, 4)]),  # N : M 2^j, j = 3..0
 ])
 def test_sdgf_stages_move_every_layer(kind, pats):
-  """Regression (reference bugs 4 and 8): every sparse layer follows the schedule of the step,
+  """Regression (reference bugs 4 and 8, docs/method.md §5): every sparse layer follows the schedule of the step,
   and a fresh sparsifier at a mid-interval step (a resumed run) is in that interval's stage."""
   params = {'q': {'kernel': jax.random.normal(jax.random.key(3), (64, 8))},
             'mlp': {'kernel': jax.random.normal(jax.random.key(4), (64, 8))}}
@@ -468,7 +469,7 @@ def test_state_round_trips_through_orbax(tmp_path):
 
 
 def test_remat_gives_the_same_schedule_and_gradients():
-  """Regression (reference bug 6): no hidden retry at step 0 under gradient checkpointing."""
+  """Regression (reference bug 6, docs/method.md §5): no hidden retry at step 0 under gradient checkpointing."""
   sp = sparsifier('mdgf', **{'decay.kind': 'linear', 'decay.rate': 0.01})
   params = make_params()
   loss = lambda p, s: linear_loss(sp.apply(p, {}, s))
@@ -482,7 +483,8 @@ def test_remat_gives_the_same_schedule_and_gradients():
 
 
 def test_evaluation_uses_the_mask_and_decay_of_its_step():
-  """Regression (reference bug 7): a model rebuilt outside the loop at step s is the trained one."""
+  """Regression (reference bug 7, docs/method.md §5): a model rebuilt outside the loop at step s is
+  the trained one."""
   params = make_params()
   cfg = nmsparse.recipe_config('mdgf', **{'decay.kind': 'linear', 'decay.rate': 0.01})
   train_sp = nmsparse.make_sparsifier(cfg, RULES, params, TOTAL, log=False)
@@ -534,7 +536,7 @@ def test_bad_recipe_configs_fail_clearly(bad, match):
 
 
 def test_config_typos_and_wrong_types_fail():
-  """Regression (reference bug 9): values are typed and keys are checked."""
+  """Regression (reference bug 9, docs/method.md §5): values are typed and keys are checked."""
   with pytest.raises(KeyError, match='srste_lamda'):
     nmsparse.recipe_config('mdgf', srste_lamda=1e-3)
   with pytest.raises(KeyError, match='decay.rat'):
@@ -567,7 +569,8 @@ def test_configdict_config_works():
 
 
 def test_library_imports_with_only_jax_flax_optax():
-  """Regression (reference bug 11): the package imports and runs with its core dependencies alone."""
+  """Regression (reference bug 11, docs/method.md §5): the package imports and runs with its core
+  dependencies alone."""
   code = ('import sys\n'
           'for mod in ("ml_collections", "tensorflow_datasets", "clu", "grain", "tensorflow", '
           '"matplotlib", "sentencepiece"):\n'

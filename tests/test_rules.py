@@ -42,7 +42,7 @@ def test_first_match_wins_and_unmatched_are_dense():
 
 
 def test_each_layer_keeps_its_own_nm():
-  """Regression (reference bug 3): enabling Q/K/V sparsity must not overwrite the MLP's N:M."""
+  """Regression (reference bug 3, docs/method.md §5): enabling Q/K/V sparsity must not overwrite the MLP's N:M."""
   rules = [(r'.*/mlp/.*kernel', NMSpec(1, 16)), (r'.*/query/kernel', NMSpec(2, 4, (-3,)))]
   specs = _by_path(rules_lib.resolve(rules, PARAMS, log=False))
   assert (specs['encoder/block_0/mlp/fc1/kernel'].n, specs['encoder/block_0/mlp/fc1/kernel'].m) == (1, 16)
@@ -65,7 +65,7 @@ def test_rule_shadowed_entirely_is_an_error():
 
 
 def test_not_divisible_names_parameter_and_shape():
-  """Regression (reference bug 10): divisibility is checked, errors name the parameter."""
+  """Regression (reference bug 10, docs/method.md §5): divisibility is checked, errors name the parameter."""
   with pytest.raises(ValueError, match=r"head/kernel.*\(64, 10\).*not divisible by M=128"):
     rules_lib.resolve([(r'head/kernel', NMSpec(1, 128, (-1,)))], PARAMS, log=False)
 
@@ -132,7 +132,7 @@ def _s(*shape):
 
 
 # Parameter names of common Flax models (as their code names them), with their classifier or
-# LM heads: each must stay dense under every preset (SPEC.md section 3: never the head).
+# LM heads: each must stay dense under every preset (docs/method.md §3: never the head).
 COMMON_MODELS = {
     'big_vision ViT': {'Transformer': {'encoderblock_0': {'MlpBlock_0': {
         'Dense_0': {'kernel': _s(64, 256)}, 'Dense_1': {'kernel': _s(256, 64)}}}},
@@ -183,7 +183,7 @@ def _project_model_names(config_file):
   return params, task.preset_kwargs
 
 
-# What each preset must pick in the project's own models (by hand from SPEC.md section 3).
+# What each preset must pick in the project's own models (by hand from docs/method.md §3).
 PROJECT_MODELS = {
     'vit_fashion_mnist.py': {
         'mlp': r'Transformer/encoderblock_\d+/MlpBlock_0/Dense_[01]/kernel',

@@ -1,6 +1,6 @@
 """Tests for nmsparse.schedules: phases, MDGF decay and SDGF structure schedules.
 
-Expected values are hand-computed or written out from SPEC.md section 2.
+Expected values are hand-computed or written out from docs/method.md §2.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def test_decay_clock_regression_reference_bug_5_2(kind):
   assert f(d(p.t(0))) == 1.0 and f(d(p.t(299))) == 1.0
   expect = math.exp(-rate * 100) if kind == 'exponential' else 1 - rate * 100
   assert f(d(p.t(400))) == pytest.approx(expect, rel=1e-6)
-  # The reference bug (origin 0.3 / 100 of the run, i.e. step 3) would give t = 397 here.
+  # Reference bug 2 (docs/method.md §5: origin 0.3 / 100 of the run, i.e. step 3) would give t = 397 here.
   wrong = math.exp(-rate * 397) if kind == 'exponential' else 1 - rate * 397
   assert f(d(p.t(400))) != pytest.approx(wrong, rel=1e-6)
 
