@@ -7,12 +7,19 @@ import subprocess
 import sys
 import tempfile
 
+import jax
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Subprocess runs of the same tiny configs share compiled programs through JAX's persistent cache.
-COMPILE_CACHE = os.path.join(tempfile.gettempdir(), f'nmsparse-test-jax-cache-{os.getuid()}')
+# Runs of the same tiny configs share compiled programs through JAX's persistent cache: subprocess
+# runs (``run_main`` passes the directory on), and, in process, a test's reference and its run, or
+# the two pytest-xdist workers. Only programs that take a second or more to compile are stored.
+# NMSPARSE_TEST_COMPILE_CACHE names another directory (an empty one measures a cold start).
+COMPILE_CACHE = os.environ.get('NMSPARSE_TEST_COMPILE_CACHE') or os.path.join(
+    tempfile.gettempdir(), f'nmsparse-test-jax-cache-{os.getuid()}')
+jax.config.update('jax_compilation_cache_dir', COMPILE_CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -49,3 +56,25 @@ def run_main(args, *, env=None, timeout=600, check=True) -> subprocess.Completed
   if check and out.returncode != 0:
     raise AssertionError(f'experiments.main {args} failed ({out.returncode}):\n{out.stderr[-5000:]}')
   return out
+
+
+def parse_main_flags(args, monkeypatch) -> dict:
+  """``experiments.main``'s flags parsed in this process, as ``python -m experiments.main ARGS`` would
+  parse them (fresh flag values, repo root as working directory); returns ``{flag: value}``."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
+  argv = ['main', *args]
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setattr(sys, 'argv', argv)  # ml_collections reads --config.* overrides from sys.argv.
+  flag_values = flags.FlagValues()
+  holders = main_lib.define_flags(flag_values)
+  assert main_lib.parse_flags(argv, flag_values) == ['main']
+  return {name: holder.value for name, holder in holders.items()}
+
+
+def run_main_in_process(args, monkeypatch) -> dict:
+  """``python -m experiments.main ARGS`` in this process: the same flag parsing, then ``main.run``
+  (the entry point's work, without the subprocess, its interpreter start-up and its imports)."""
+  from experiments import main as main_lib  # pylint: disable=g-import-not-at-top
+  f = parse_main_flags(args, monkeypatch)
+  return main_lib.run(f['mode'], f['config'], f['workdir'])

@@ -1,14 +1,15 @@
 """``config.init_from``: a run starts from another run's params (fine-tuning), with clear errors."""
 
 import os
-import time
 
+import jax
 import numpy as np
 import pytest
 
-from conftest import run_main
+from conftest import run_main_in_process
 from experiments import init_from
-from test_train import base_args, final_state, leaves
+from experiments import train as train_lib
+from test_train import base_args, final_state, leaves, make_config
 
 
 def test_merge_loads_matched_leaves_and_keeps_the_rest():
@@ -51,15 +52,25 @@ def _params(workdir, step):
   return dict(leaves(final_state(workdir, step)['params']))
 
 
-def test_fine_tune_starts_from_the_source_params(fmnist_source, tmp_path):
-  """A 6-step dense run, then lr-0 runs: one loading the encoder from it, one from scratch."""
-  src, tuned, fresh = (str(tmp_path / n) for n in ('src', 'tuned', 'fresh'))
-  run_main(base_args(fmnist_source, src, '--config.total_steps=6', '--config.sparsity.recipe.name=dense'))
-  frozen = ('--config.total_steps=1', '--config.optimizer.lr=0.0', '--config.sparsity.recipe.name=srste')
-  run_main(base_args(fmnist_source, tuned, *frozen, f'--config.init_from.path={src}',
-                     '--config.init_from.include=Transformer/.*'))
-  run_main(base_args(fmnist_source, fresh, *frozen))
-  a, b, c = _params(src, 6), _params(tuned, 1), _params(fresh, 1)
+def test_fine_tune_starts_from_the_source_params(fmnist_source, tmp_path, monkeypatch):
+  """A 2-step dense source run, then a 1-step lr-0 SR-STE run through the entry point's flags
+  loading the encoder from it: its params are the source's for every ``Transformer/`` leaf and the
+  fresh seed-0 initialisation (``create_state`` of the same config without ``init_from``, what a
+  run from scratch starts from) for the rest. All in process; no diagnostics step (not under test).
+  """
+  data_dir = str(tmp_path / 'tfds')
+  src, tuned = str(tmp_path / 'src'), str(tmp_path / 'tuned')
+  quiet = dict(diagnostics_every_steps=0, eval_every_steps=1000)
+  train_lib.train_and_evaluate(
+      make_config(fmnist_source, data_dir, total_steps=2, **{'sparsity.recipe.name': 'dense'}, **quiet), src)
+  frozen = dict(total_steps=1, **{'optimizer.lr': 0.0, 'sparsity.recipe.name': 'srste'}, **quiet)
+  final = run_main_in_process(
+      base_args(fmnist_source, tuned, *(f'--config.{k}={v}' for k, v in frozen.items()),
+                f'--config.init_from.path={src}', '--config.init_from.include=Transformer/.*'), monkeypatch)
+  assert final['step'] == 1
+  fresh_setup = train_lib.setup(make_config(fmnist_source, data_dir, **frozen), steps_per_epoch=8)
+  fresh = dict(leaves(jax.device_get(train_lib.create_state(fresh_setup, jax.random.key(0)).params)))
+  a, b, c = _params(src, 2), _params(tuned, 1), fresh
   assert a.keys() == b.keys() == c.keys()
   encoder = [k for k in a if k.startswith('/Transformer/')]
   assert encoder and len(encoder) < len(a)
@@ -67,13 +78,21 @@ def test_fine_tune_starts_from_the_source_params(fmnist_source, tmp_path):
     want = a[k] if k in encoder else c[k]  # loaded from the source, or the fresh seed-0 init
     np.testing.assert_array_equal(b[k], want, err_msg=k)
   assert not np.array_equal(a['/head/kernel'], c['/head/kernel'])  # the source did train
+  assert not any(np.array_equal(a[k], c[k]) for k in encoder if k.endswith('kernel'))
 
 
-def test_bad_init_from_fails_before_compiling(fmnist_source, tmp_path):
-  t0 = time.time()
-  out = run_main(base_args(fmnist_source, str(tmp_path / 'bad'), '--config.total_steps=2',
-                           f'--config.init_from.path={tmp_path / "missing_run"}'), check=False)
-  assert out.returncode != 0
-  assert 'init_from.path' in out.stderr and 'does not exist' in out.stderr, out.stderr[-2000:]
-  assert 'Compiling' not in out.stderr
-  assert time.time() - t0 < 120
+def _no_compilation(*args, **kwargs):
+  raise AssertionError('something was compiled: the bad init_from was not caught before compilation')
+
+
+def test_bad_init_from_fails_before_compiling(fmnist_source, tmp_path, monkeypatch):
+  """A missing ``init_from.path`` (given as a flag) is an error naming the field, raised before any
+  state or step is compiled and before the workdir is created (in process: no subprocess needed)."""
+  monkeypatch.setattr(train_lib, 'make_train_step', _no_compilation)
+  monkeypatch.setattr(train_lib, 'create_state', _no_compilation)
+  workdir = tmp_path / 'bad'
+  with pytest.raises(FileNotFoundError) as e:
+    run_main_in_process(base_args(fmnist_source, str(workdir), '--config.total_steps=2',
+                                  f'--config.init_from.path={tmp_path / "missing_run"}'), monkeypatch)
+  assert 'init_from.path' in str(e.value) and 'does not exist' in str(e.value)
+  assert not workdir.exists()
