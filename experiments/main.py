@@ -29,9 +29,13 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags
                                              flag_values=flag_values, lock_config=True),
       workdir=flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the config.',
                                   flag_values=flag_values),
-      mode=flags.DEFINE_enum('mode', 'train', ['train', 'evaluate'],
-                             'train (and evaluate at the end) | evaluate the newest checkpoint and export it.',
+      mode=flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'compile'],
+                             'train (and evaluate at the end) | evaluate the newest checkpoint and export it | '
+                             'compile the steps for --topology ahead of time: HBM, FLOPs, roofline time, cost.',
                              flag_values=flag_values),
+      topology=flags.DEFINE_list('topology', [], 'For --mode=compile: Cloud TPU topologies, e.g. '
+                                 'v4:2x2x4,v5e:4x8 (no TPU needed: libtpu compiles for them).',
+                                 flag_values=flag_values),
       coordinator_address=flags.DEFINE_string(
           'coordinator_address', None, 'host:port of process 0 for a multi-process run (else autodetected on pods).',
           flag_values=flag_values),
@@ -39,6 +43,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags
                                          flag_values=flag_values),
       process_id=flags.DEFINE_integer('process_id', None, 'This process in a multi-process run.',
                                       flag_values=flag_values),
+      compile_programs=flags.DEFINE_list('compile_programs', ['train', 'diagnostics', 'eval'],
+                                         'For --mode=compile: which steps to compile (train always).',
+                                         flag_values=flag_values),
   )
   flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
   return holders
@@ -157,19 +164,25 @@ def main(argv) -> None:
     jax.distributed.initialize(f['coordinator_address'], f['num_processes'], f['process_id'])
   std_logging.getLogger().setLevel(std_logging.INFO)
   quiet_library_logs()
-  final = run(f['mode'], f['config'], f['workdir'])
+  final = run(f['mode'], f['config'], f['workdir'], f['topology'], f['compile_programs'])
   if jax.process_index() == 0 and final:
     print(' '.join(f'{k}={v:.4f}' for k, v in sorted(final.items())), file=sys.stdout, flush=True)
 
 
-def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains or evaluates; a workdir that belongs to another run exits with one line (status 1)."""
-  from experiments import checkpoints, evaluate, train  # pylint: disable=g-import-not-at-top
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str,
+        topologies: list[str] | None = None, programs: list[str] | None = None) -> dict[str, float]:
+  """Trains, evaluates or plans; a workdir of another run, or a plan that does not fit, exits with
+  one line (status 1)."""
+  from experiments import checkpoints, compile_plan, evaluate, train  # pylint: disable=g-import-not-at-top
   try:
+    if mode == 'compile':
+      if not topologies:
+        sys.exit('FATAL --mode=compile needs --topology, e.g. --topology=v4:2x2x4 (a v4-32).')
+      return compile_plan.run(config, workdir, topologies, tuple(programs or compile_plan.PROGRAMS))
     if mode == 'train':
       return train.train_and_evaluate(config, workdir)
     return evaluate.evaluate_and_export(config, workdir)
-  except checkpoints.CannotResume as e:  # Nothing was written; the message says what to do.
+  except (checkpoints.CannotResume, compile_plan.DoesNotFit) as e:  # Nothing was written.
     sys.exit(f'FATAL {type(e).__name__}: {e}')
 
 

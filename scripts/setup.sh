@@ -106,4 +106,14 @@ case $status in
     check_venv || { echo "setup: .venv still differs from $LOCK after installing" >&2; exit 1; } ;;
   *) exit 1 ;;
 esac
+# The TPU compiler for --mode=compile (plans a TPU run without a TPU): libtpu, pinned to the lock's
+# jax, installed into .venv/libtpu, which is not on the import path, so that CPU runs never load it
+# (no TPU probing, no warnings); compile mode points JAX at it.
+TPU_PIN=$(grep -E '^libtpu==' "requirements/libtpu-py$VER.txt")
+if [ "$(cat .venv/libtpu/PIN 2>/dev/null)" != "$TPU_PIN" ]; then
+  echo "setup: installing $TPU_PIN into .venv/libtpu (TPU compiler for --mode=compile)"
+  rm -rf .venv/libtpu
+  .venv/bin/python -m pip install -q --no-deps --target .venv/libtpu "$TPU_PIN"
+  echo "$TPU_PIN" > .venv/libtpu/PIN
+fi
 echo "setup: $(.venv/bin/python -c 'import sys, jax, flax, optax; print(f"python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}")')"

@@ -1,0 +1,182 @@
+r"""The paper's three settings compiled for Cloud TPU slices, every recipe: results/tpu_plan.md.
+
+    python -m scripts.tpu_plan --mode run [--jobs 2]   # compile every cell (resumable)
+    python -m scripts.tpu_plan --mode table            # results/tpu_plan.md from the JSON files
+    python -m scripts.tpu_plan --mode print            # the commands, one per pending cell
+
+Cells: ViT-B/16 on ImageNet (``configs/vit_imagenet.py``, batch 4096), SwinV2-B on ImageNet
+(``configs/swinv2_imagenet.py``, batch 1024) and T5.1.1-Base on C4 (``configs/t5_c4.py``,
+batch 256, 512/114 tokens), each dense and under STE, SR-STE, MDGF, SDGF, MDGF+SDGF and
+STEP at 1:16 (ViT and SwinV2 on the MLPs and on MLP + Q, K, V; T5 on every kernel), plus
+MDGF at 2:4, on a v4-32 slice; dense and MDGF 1:16 also on a v5e-32. Each cell is one
+``python -m experiments.main --mode=compile`` (one JSON per cell under
+``results/tpu_plan/``, skipped when present, so a stopped grid resumes). The train step is
+compiled for every cell; the diagnostics and eval steps too for dense and MDGF 1:16, whose
+memory the plan's headroom check covers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join('results', 'tpu_plan')
+PRIMARY, SECONDARY = 'v4:2x2x4', 'v5e:4x8'
+RECIPES = ('ste', 'srste', 'mdgf', 'sdgf', 'mdgf_sdgf', 'step')
+MODELS = {  # name: (config file, layer presets, title)
+    'vit': ('configs/vit_imagenet.py', ('mlp', 'mlp_qkv'), 'ViT-B/16, ImageNet, batch 4096'),
+    'swinv2': ('configs/swinv2_imagenet.py', ('mlp', 'mlp_qkv'), 'SwinV2-B, ImageNet, batch 1024'),
+    't5': ('configs/t5_c4.py', ('all',), 'T5.1.1-Base, C4 span corruption, batch 256, 512/114 tokens'),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  model: str
+  recipe: str
+  nm: str
+  layers: str
+  topology: str
+  programs: tuple[str, ...]
+
+  @property
+  def name(self) -> str:
+    return f'{self.recipe}_{self.nm.replace(":", "x")}_{self.layers}_{self.topology.replace(":", "_")}'
+
+  @property
+  def json_path(self) -> str:
+    return os.path.join(OUT, self.model, f'{self.name}.json')
+
+  def command(self, python: str = 'python') -> list[str]:
+    config, _, _ = MODELS[self.model]
+    return [python, '-m', 'experiments.main', '--mode=compile',
+            f'--config={config}:recipe={self.recipe},nm={self.nm},layers={self.layers}',
+            f'--topology={self.topology}', f'--compile_programs={",".join(self.programs)}',
+            f'--workdir={os.path.join(OUT, self.model, self.name)}']
+
+
+def cells() -> list[Cell]:
+  out = []
+  full = ('train', 'diagnostics', 'eval')
+  for model, (_, presets, _) in MODELS.items():
+    first = presets[0]
+    out.append(Cell(model, 'dense', '1:16', first, PRIMARY, full))
+    for recipe in RECIPES:
+      for layers in presets:
+        programs = full if (recipe, layers) == ('mdgf', first) else ('train',)
+        out.append(Cell(model, recipe, '1:16', layers, PRIMARY, programs))
+    out.append(Cell(model, 'mdgf', '2:4', first, PRIMARY, ('train',)))
+    out.append(Cell(model, 'dense', '1:16', first, SECONDARY, full))
+    out.append(Cell(model, 'mdgf', '1:16', first, SECONDARY, full))
+  return out
+
+
+def run_cell(cell: Cell, python: str) -> tuple[Cell, int, float]:
+  """Compiles one cell; its JSON moves to ``cell.json_path`` (a failed cell leaves a .log)."""
+  workdir = cell.command()[-1].split('=', 1)[1]
+  log = cell.json_path[:-5] + '.log'
+  t0 = time.time()
+  with open(log, 'w') as f:
+    code = subprocess.run(cell.command(python), cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+  produced = os.path.join(workdir, f'compile_{cell.topology.replace(":", "_")}.json')
+  if code == 0 and os.path.exists(produced):
+    with open(produced) as f:
+      out = json.load(f)
+    out['command'] = ' '.join(cell.command())
+    with open(cell.json_path, 'w') as f:
+      json.dump(out, f, indent=2, sort_keys=True)
+    os.remove(log)
+  return cell, code, time.time() - t0
+
+
+def run(jobs: int, python: str) -> int:
+  pending = [c for c in cells() if not os.path.exists(c.json_path)]
+  for c in pending:
+    os.makedirs(os.path.dirname(c.json_path), exist_ok=True)
+  print(f'{len(pending)} of {len(cells())} cells to compile, {jobs} at a time', flush=True)
+  failed, t0, done = 0, time.time(), 0
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    for cell, code, seconds in pool.map(lambda c: run_cell(c, python), pending):
+      done += 1
+      failed += code != 0
+      left = (time.time() - t0) / done * (len(pending) - done)
+      print(f'[{done}/{len(pending)}] {cell.model}/{cell.name}: '
+            f'{"ok" if code == 0 else f"FAILED ({code}), see {cell.json_path[:-5]}.log"} in {seconds / 60:.1f} min; '
+            f'about {left / 60:.0f} min left', flush=True)
+  return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------- table
+
+def load() -> dict[Cell, dict]:
+  out = {}
+  for c in cells():
+    if os.path.exists(c.json_path):
+      with open(c.json_path) as f:
+        out[c] = json.load(f)
+  return out
+
+
+def _gb(x: float) -> str:
+  return f'{x / 1e9:.2f}'
+
+
+def table(results: dict[Cell, dict]) -> str:
+  lines = []
+  for model, (config, presets, title) in MODELS.items():
+    for topology in (PRIMARY, SECONDARY):
+      rows = [(c, r) for c, r in results.items() if c.model == model and c.topology == topology]
+      if not rows:
+        continue
+      dense = next((r for c, r in rows if c.recipe == 'dense'), None)
+      r0 = rows[0][1]
+      lines += [f'### {title} on {topology} ({r0["chips"]} {r0["chip"]["name"]} chips, {r0["devices"]} devices, '
+                f'{r0["per_device_batch"]:g} examples per device)', '',
+                f'`{config}`, {r0["total_steps"]:,} steps. HBM per device: the largest compiled program '
+                f'(of {_gb(r0["hbm_per_device_bytes"])} GB); step time: roofline of the train step; ratios to dense '
+                'of the train step\'s FLOPs, bytes accessed and roofline time.', '',
+                '| recipe | N:M | layers | HBM / device (GB) | headroom | programs | step (ms) | bound | MFU | '
+                'examples/s | run (h) | chip-hours | FLOPs x | bytes x | time x |',
+                '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+      order = {'dense': 0, **{r: i + 1 for i, r in enumerate(RECIPES)}}
+      for c, r in sorted(rows, key=lambda cr: (order[cr[0].recipe], cr[0].nm != '1:16', cr[0].layers)):
+        train = r['programs']['train']
+        need = max(p['total_bytes'] for p in r['programs'].values())
+        ratio = lambda key: (train[key] / dense['programs']['train'][key]) if dense else float('nan')
+        lines.append(
+            f'| {c.recipe} | {c.nm if c.recipe != "dense" else "-"} | {c.layers if c.recipe != "dense" else "-"} | '
+            f'{_gb(need)} | {r["headroom"]:.0%} | {"+".join(p[0] for p in r["programs"])} | '
+            f'{train["step_s"] * 1e3:.1f} | {train["bound"]} | {r["mfu"]:.1%} | {r["examples_per_s"]:,.0f} | '
+            f'{r["run_wall_s"] / 3600:.1f} | {r["run_chip_hours"]:,.0f} | {ratio("flops"):.4f} | '
+            f'{ratio("bytes_accessed"):.4f} | {ratio("step_s"):.4f} |')
+      lines.append('')
+  return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--mode', choices=('run', 'table', 'print'), default='table')
+  ap.add_argument('--jobs', type=int, default=1, help='compiles at a time (each uses about one core)')
+  ap.add_argument('--python', default=sys.executable)
+  args = ap.parse_args(argv)
+  os.chdir(ROOT)
+  if args.mode == 'print':
+    for c in cells():
+      if not os.path.exists(c.json_path):
+        print(' '.join(c.command()))
+    return 0
+  if args.mode == 'run':
+    return run(args.jobs, args.python)
+  print(table(load()))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
