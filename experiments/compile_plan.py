@@ -68,6 +68,52 @@ SPLIT_EXAMPLES = {
 HEADROOM = 0.10  # A plan that leaves less HBM free than this fraction does not pass.
 
 
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+  """Published figures of one NVIDIA GPU, and what XLA's GPU compiler needs to target it."""
+
+  name: str
+  peak_flops: float  # bf16 dense tensor FLOP/s
+  hbm_bytes: float
+  hbm_bandwidth: float
+  source: str
+  sms: int
+  compute_capability: tuple[int, int]
+  clock_ghz: float
+  l2_bytes: int
+  shared_memory_per_sm: int
+  shared_memory_per_block_optin: int
+  fpus_per_sm: int
+
+  def target_config(self) -> str:
+    """A ``stream_executor.GpuTargetConfigProto`` in text form, from the figures above."""
+    major, minor = self.compute_capability
+    info = dict(threads_per_block_limit=1024, threads_per_warp=32, shared_memory_per_block=48 * 1024,
+                shared_memory_per_core=self.shared_memory_per_sm, threads_per_core_limit=2048,
+                core_count=self.sms, fpus_per_core=self.fpus_per_sm, block_dim_limit_x=2**31 - 1,
+                block_dim_limit_y=65535, block_dim_limit_z=65535, memory_bandwidth=int(self.hbm_bandwidth),
+                l2_cache_size=self.l2_bytes, clock_rate_ghz=self.clock_ghz,
+                device_memory_size=int(self.hbm_bytes),
+                shared_memory_per_block_optin=self.shared_memory_per_block_optin,
+                registers_per_core_limit=65536, registers_per_block_limit=65536)
+    fields = ' '.join(f'{k}: {v}' for k, v in info.items())
+    return (f'gpu_device_info {{ {fields} cuda_compute_capability {{ major: {major} minor: {minor} }} }} '
+            f'platform_name: "CUDA" device_description_str: "NVIDIA {self.name}"')
+
+
+# By name in --topology=NAME:COUNT (one node). NVIDIA's H100 and A100 datasheets.
+GPUS = {
+    'h100': Gpu('H100 80GB HBM3', 989.4e12, 80e9, 3.35e12,
+                'https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM)', sms=132,
+                compute_capability=(9, 0), clock_ghz=1.98, l2_bytes=50 * 2**20,
+                shared_memory_per_sm=228 * 1024, shared_memory_per_block_optin=227 * 1024, fpus_per_sm=128),
+    'a100': Gpu('A100-SXM4-80GB', 312e12, 80e9, 2.039e12,
+                'https://www.nvidia.com/en-us/data-center/a100/ (A100 80GB SXM)', sms=108,
+                compute_capability=(8, 0), clock_ghz=1.41, l2_bytes=40 * 2**20,
+                shared_memory_per_sm=164 * 1024, shared_memory_per_block_optin=163 * 1024, fpus_per_sm=64),
+}
+
+
 class DoesNotFit(RuntimeError):
   """The program needs more HBM per device than the chip has (or leaves too little headroom)."""
 
@@ -92,7 +138,9 @@ def libtpu_path() -> str:
 
 
 def topology_devices(name: str) -> list:
-  """The devices of a Cloud TPU topology (e.g. ``v4:2x2x4``, ``v5e:4x8``), for compilation only."""
+  """Compile-only devices: a Cloud TPU topology (``v4:2x2x4``, ``v5e:4x8``) or a GPU node (``h100:8``)."""
+  if name.split(':')[0] in GPUS:
+    return gpu_devices(name)
   os.environ['TPU_LIBRARY_PATH'] = libtpu_path()
   # No TPU here: skip the metadata server and name this host, or libtpu warns at length.
   for key, value in (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
@@ -106,7 +154,37 @@ def topology_devices(name: str) -> list:
                      'GENERATION:SHAPE, e.g. v4:2x2x4 (a v4-32), v5e:4x8, v5p:2x2x2, v6e:4x4.') from None
 
 
+def gpu_devices(name: str) -> list:
+  """Compile-only devices of one node of ``COUNT`` GPUs (``h100:8``): XLA's GPU compiler targets
+  the GPU described by :meth:`Gpu.target_config`, with no GPU and no CUDA driver here.
+
+  Needs jax's CUDA plugin and NVIDIA's CUDA libraries (about 5 GB), which
+  ``bash scripts/setup.sh --gpu`` installs into ``.venv/cuda``.
+  """
+  kind, _, count = name.partition(':')
+  if not count.isdigit() or int(count) < 1:
+    raise ValueError(f'--topology={name}: write a GPU node as NAME:COUNT, e.g. h100:8.')
+  cuda_dir = os.path.join(sys.prefix, 'cuda')
+  if not os.path.isdir(os.path.join(cuda_dir, 'jax_plugins')):
+    raise FileNotFoundError(f'--topology={name} needs jax\'s CUDA plugin and the CUDA libraries in '
+                            f'{cuda_dir}: bash scripts/setup.sh --gpu installs them (about 5 GB).')
+  jax.devices('cpu')  # The CPU backend first, so that the plugin never becomes the default one.
+  if cuda_dir not in sys.path:
+    sys.path.append(cuda_dir)
+  os.environ.setdefault('JAX_SKIP_CUDA_CONSTRAINTS_CHECK', '1')  # Its version check needs a driver.
+  import importlib  # pylint: disable=g-import-not-at-top
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  if 'cuda' not in xla_bridge._topology_factories:  # pylint: disable=protected-access
+    importlib.import_module('jax_plugins.xla_cuda12').initialize()
+  topology = topologies.get_topology_desc(platform='cuda', topology=f'1x1x{count}',
+                                          target_config=GPUS[kind].target_config())
+  return list(topology.devices)
+
+
 def devices_per_chip(devices: list) -> int:
+  if devices[0].platform != 'tpu':
+    return 1
   per_chip = collections.Counter(tuple(d.coords) for d in devices)
   counts = set(per_chip.values())
   if len(counts) != 1:
@@ -120,6 +198,11 @@ def compiled_figures(compiled) -> dict[str, float]:
   """Per-device HBM (bytes) and cost of one compiled program."""
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
+  if cost is None:  # A compile-only GPU executable: XLA's count on its optimised HLO module.
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    module = compiled.runtime_executable().hlo_modules()[0]
+    cost = _jax.hlo_module_cost_analysis(xla_bridge.get_backend('cpu'), module)
   if isinstance(cost, (list, tuple)):  # Older jax: one dict per program.
     cost = cost[0]
   out = dict(argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
@@ -213,9 +296,13 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
   from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
   devices = topology_devices(topology)
   kind = devices[0].device_kind
-  if kind not in CHIPS:
+  if topology.split(':')[0] in GPUS:
+    chip = GPUS[topology.split(':')[0]]
+  elif kind in CHIPS:
+    chip = CHIPS[kind]
+  else:
     raise ValueError(f'no published figures for {kind!r}; add it to CHIPS in {__file__}.')
-  chip, per_chip = CHIPS[kind], devices_per_chip(devices)
+  per_chip = devices_per_chip(devices)
   n = len(devices)
   spe = steps_per_epoch(config)
   s = train_lib.setup(config, steps_per_epoch=spe, devices=devices)
@@ -227,7 +314,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
   if 'eval' in wanted:
     programs['eval'] = (train_lib.make_eval_step(s), config.get('eval_batch_size') or config.batch_size)
   out: dict[str, Any] = dict(
-      topology=topology, device_kind=kind, chip=dataclasses.asdict(chip), devices=n,
+      topology=topology, device_kind=kind, chip=dict(name=chip.name, peak_flops=chip.peak_flops,
+      hbm_bytes=chip.hbm_bytes, hbm_bandwidth=chip.hbm_bandwidth, source=chip.source), devices=n,
       devices_per_chip=per_chip, chips=n // per_chip, mesh=dict(s.mesh.shape),
       global_batch=config.batch_size, per_device_batch=config.batch_size / n, total_steps=s.total_steps,
       recipe=s.sp.recipe.name, nm=config.sparsity.nm, layers=config.sparsity.layers,

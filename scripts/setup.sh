@@ -7,15 +7,18 @@
 #   bash scripts/setup.sh          # environment only (what the tests need)
 #   bash scripts/setup.sh --data   # + Fashion-MNIST from Debian's dataset-fashion-mnist package
 #   bash scripts/setup.sh --text   # + KJV and WEB Bibles from Debian (the offline T5 text tasks)
+#   bash scripts/setup.sh --gpu    # + jax's CUDA plugin (5 GB) in .venv/cuda, for GPU plans (--mode=compile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WITH_DATA=0
 WITH_TEXT=0
+WITH_GPU=0
 for arg in "$@"; do
   case "$arg" in
     --data) WITH_DATA=1 ;;
     --text) WITH_TEXT=1 ;;
-    *) echo "setup: unknown option $arg (use --data and/or --text)" >&2; exit 2 ;;
+    --gpu) WITH_GPU=1 ;;
+    *) echo "setup: unknown option $arg (use --data, --text and/or --gpu)" >&2; exit 2 ;;
   esac
 done
 if [ "$WITH_TEXT" = 1 ] && ! { command -v bible >/dev/null && command -v diatheke >/dev/null; }; then
@@ -115,5 +118,17 @@ if [ "$(cat .venv/libtpu/PIN 2>/dev/null)" != "$TPU_PIN" ]; then
   rm -rf .venv/libtpu
   .venv/bin/python -m pip install -q --no-deps --target .venv/libtpu "$TPU_PIN"
   echo "$TPU_PIN" > .venv/libtpu/PIN
+fi
+# --gpu: jax's CUDA plugin and NVIDIA's libraries (about 5 GB) into .venv/cuda, for GPU plans
+# (--mode=compile --topology=h100:8); off the import path like libtpu.
+if [ "$WITH_GPU" = 1 ]; then
+  CUDA_PINS=requirements/cuda-py$VER.txt
+  [ -f "$CUDA_PINS" ] || { echo "setup: no $CUDA_PINS: GPU plans are pinned for Python 3.12 only." >&2; exit 1; }
+  if ! cmp -s "$CUDA_PINS" .venv/cuda/PINS 2>/dev/null; then
+    echo "setup: installing jax's CUDA plugin and NVIDIA's libraries into .venv/cuda (about 5 GB)"
+    rm -rf .venv/cuda
+    .venv/bin/python -m pip install -q --no-deps --target .venv/cuda -r "$CUDA_PINS"
+    cp "$CUDA_PINS" .venv/cuda/PINS
+  fi
 fi
 echo "setup: $(.venv/bin/python -c 'import sys, jax, flax, optax; print(f"python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}")')"

@@ -8,7 +8,9 @@ Cells: ViT-B/16 on ImageNet (``configs/vit_imagenet.py``, batch 4096), SwinV2-B 
 (``configs/swinv2_imagenet.py``, batch 1024) and T5.1.1-Base on C4 (``configs/t5_c4.py``,
 batch 256, 512/114 tokens), each dense and under STE, SR-STE, MDGF, SDGF, MDGF+SDGF and
 STEP at 1:16 (ViT and SwinV2 on the MLPs and on MLP + Q, K, V; T5 on every kernel), plus
-MDGF at 2:4, on a v4-32 slice; dense and MDGF 1:16 also on a v5e-32. Each cell is one
+MDGF at 2:4, on a v4-32 slice; dense and MDGF 1:16 also on a v5e-32; the v4-32 grid again on
+one node of 8 H100 GPUs (compiled by XLA's GPU compiler without a GPU: ``bash scripts/setup.sh
+--gpu`` installs jax's CUDA plugin, 5 GB; ``--no_gpu`` leaves those cells out). Each cell is one
 ``python -m experiments.main --mode=compile`` (one JSON per cell under
 ``results/tpu_plan/``, skipped when present, so a stopped grid resumes). The train step is
 compiled for every cell; the diagnostics and eval steps too for dense and MDGF 1:16, whose
@@ -28,7 +30,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join('results', 'tpu_plan')
-PRIMARY, SECONDARY = 'v4:2x2x4', 'v5e:4x8'
+PRIMARY, SECONDARY, GPU = 'v4:2x2x4', 'v5e:4x8', 'h100:8'
 RECIPES = ('ste', 'srste', 'mdgf', 'sdgf', 'mdgf_sdgf', 'step')
 MODELS = {  # name: (config file, layer presets, title)
     'vit': ('configs/vit_imagenet.py', ('mlp', 'mlp_qkv'), 'ViT-B/16, ImageNet, batch 4096'),
@@ -62,7 +64,7 @@ class Cell:
             f'--workdir={os.path.join(OUT, self.model, self.name)}']
 
 
-def cells() -> list[Cell]:
+def cells(gpu: bool = True) -> list[Cell]:
   out = []
   full = ('train', 'diagnostics', 'eval')
   for model, (_, presets, _) in MODELS.items():
@@ -75,6 +77,8 @@ def cells() -> list[Cell]:
     out.append(Cell(model, 'mdgf', '2:4', first, PRIMARY, ('train',)))
     out.append(Cell(model, 'dense', '1:16', first, SECONDARY, full))
     out.append(Cell(model, 'mdgf', '1:16', first, SECONDARY, full))
+  if gpu:  # The same grid on one node of 8 H100s (needs bash scripts/setup.sh --gpu).
+    out += [dataclasses.replace(c, topology=GPU) for c in out if c.topology == PRIMARY]
   return out
 
 
@@ -96,11 +100,11 @@ def run_cell(cell: Cell, python: str) -> tuple[Cell, int, float]:
   return cell, code, time.time() - t0
 
 
-def run(jobs: int, python: str) -> int:
-  pending = [c for c in cells() if not os.path.exists(c.json_path)]
+def run(jobs: int, python: str, gpu: bool = True) -> int:
+  pending = [c for c in cells(gpu) if not os.path.exists(c.json_path)]
   for c in pending:
     os.makedirs(os.path.dirname(c.json_path), exist_ok=True)
-  print(f'{len(pending)} of {len(cells())} cells to compile, {jobs} at a time', flush=True)
+  print(f'{len(pending)} of {len(cells(gpu))} cells to compile, {jobs} at a time', flush=True)
   failed, t0, done = 0, time.time(), 0
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
     for cell, code, seconds in pool.map(lambda c: run_cell(c, python), pending):
@@ -131,7 +135,7 @@ def _gb(x: float) -> str:
 def table(results: dict[Cell, dict]) -> str:
   lines = []
   for model, (config, presets, title) in MODELS.items():
-    for topology in (PRIMARY, SECONDARY):
+    for topology in (PRIMARY, SECONDARY, GPU):
       rows = [(c, r) for c, r in results.items() if c.model == model and c.topology == topology]
       if not rows:
         continue
@@ -165,15 +169,16 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument('--mode', choices=('run', 'table', 'print'), default='table')
   ap.add_argument('--jobs', type=int, default=1, help='compiles at a time (each uses about one core)')
   ap.add_argument('--python', default=sys.executable)
+  ap.add_argument('--no_gpu', action='store_true', help='leave out the 8 x H100 cells')
   args = ap.parse_args(argv)
   os.chdir(ROOT)
   if args.mode == 'print':
-    for c in cells():
+    for c in cells(not args.no_gpu):
       if not os.path.exists(c.json_path):
         print(' '.join(c.command()))
     return 0
   if args.mode == 'run':
-    return run(args.jobs, args.python)
+    return run(args.jobs, args.python, not args.no_gpu)
   print(table(load()))
   return 0
 

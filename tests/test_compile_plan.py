@@ -132,3 +132,22 @@ def test_compile_mode_without_topology_is_one_line():
 def test_unknown_topology_is_a_clear_error():
   with pytest.raises(ValueError, match='does not know this topology'):
     compile_plan.topology_devices('v9x:1x1')
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.sys.prefix, 'cuda', 'jax_plugins')),
+                    reason='GPU plans need jax\'s CUDA plugin: bash scripts/setup.sh --gpu (5 GB).')
+def test_gpu_node_matmul_figures_are_the_hand_count():
+  """An 8-GPU H100 node without a GPU: x (8192 x 4096, bf16) split by rows over 8 devices times a
+  replicated w (4096 x 4096): per device 2 * 1024 * 4096 * 4096 FLOPs, arguments by hand."""
+  devices = compile_plan.topology_devices('h100:8')
+  assert len(devices) == 8 and devices[0].device_kind == 'NVIDIA H100 80GB HBM3'
+  mesh = jax.sharding.Mesh(np.asarray(devices), ('d',))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d', None))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  x = jax.ShapeDtypeStruct((8192, 4096), jnp.bfloat16, sharding=rows)
+  w = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16, sharding=rep)
+  compiled = jax.jit(lambda x, w: x @ w, out_shardings=rows).lower(x, w).compile()
+  fig = compile_plan.compiled_figures(compiled)
+  assert fig['flops'] == 2 * 1024 * 4096 * 4096
+  assert fig['argument_bytes'] == 2 * (1024 * 4096 + 4096 * 4096)
+  assert fig['output_bytes'] == 2 * 1024 * 4096
