@@ -94,10 +94,11 @@ def test_config_lowers_with_abstract_shapes(name, arg):
   * the step maps the train state to a train state of the same tree, shapes, dtypes and
     shardings (so the loop can feed it back, donate it and checkpoint it), donates its input
     state, takes the config's batch and returns scalar metrics with the loss among them;
-  * XLA's FLOP count of the lowered step is that of a forward and backward pass over the
-    config's batch: between 1 and 2 times the matmul FLOPs counted by hand from the parameter
-    shapes and token counts (attention scores, norms and the optimizer make up the rest; a step
-    without its backward pass, with another batch or another model size falls outside).
+  * for each config's default (the recipe variants change no matmul), XLA's FLOP count of the
+    lowered step is that of a forward and backward pass over the config's batch: between 1 and 2
+    times the matmul FLOPs counted by hand from the parameter shapes and token counts (attention
+    scores, norms and the optimizer make up the rest; a step without its backward pass, with
+    another batch or another model size falls outside).
   """
   config = load(name, arg)
   config.lock()
@@ -123,9 +124,10 @@ def test_config_lowers_with_abstract_shapes(name, arg):
     assert got.sharding == sharding
   assert 'train/loss' in metrics and all(m.shape == () for m in metrics.values())
 
-  flops = lowered.cost_analysis()['flops']
-  by_hand = matmul_train_flops(config, abstract_batch, s.abstract_state.params)
-  assert 1.0 <= flops / by_hand <= 2.0, (flops, by_hand)
+  if not arg:
+    flops = lowered.cost_analysis()['flops']
+    by_hand = matmul_train_flops(config, abstract_batch, s.abstract_state.params)
+    assert 1.0 <= flops / by_hand <= 2.0, (flops, by_hand)
 
 
 def test_imagenet_config_mirrors_the_reference_recipe():

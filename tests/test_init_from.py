@@ -9,7 +9,7 @@ import pytest
 from conftest import run_main_in_process
 from experiments import init_from
 from experiments import train as train_lib
-from test_train import base_args, final_state, leaves, make_config
+from test_train import base_args, final_state, leaves, make_config, trained  # pylint: disable=unused-import
 
 
 def test_merge_loads_matched_leaves_and_keeps_the_rest():
@@ -52,25 +52,24 @@ def _params(workdir, step):
   return dict(leaves(final_state(workdir, step)['params']))
 
 
-def test_fine_tune_starts_from_the_source_params(fmnist_source, tmp_path, monkeypatch):
-  """A 2-step dense source run, then a 1-step lr-0 SR-STE run through the entry point's flags
-  loading the encoder from it: its params are the source's for every ``Transformer/`` leaf and the
-  fresh seed-0 initialisation (``create_state`` of the same config without ``init_from``, what a
-  run from scratch starts from) for the rest. All in process; no diagnostics step (not under test).
+def test_fine_tune_starts_from_the_source_params(trained, fmnist_source, tmp_path, monkeypatch):
+  """A 1-step lr-0 SR-STE run through the entry point's flags, loading the encoder from another run
+  (test_train's trained MDGF run, shared by the session: a checkpoint written by the train loop),
+  holds the source's params for every ``Transformer/`` leaf and the fresh seed-0 initialisation
+  (``create_state`` of the same config without ``init_from``, what a run from scratch starts
+  from) for the rest. All in process; no diagnostics step (not under test).
   """
-  data_dir = str(tmp_path / 'tfds')
-  src, tuned = str(tmp_path / 'src'), str(tmp_path / 'tuned')
-  quiet = dict(diagnostics_every_steps=0, eval_every_steps=1000)
-  train_lib.train_and_evaluate(
-      make_config(fmnist_source, data_dir, total_steps=2, **{'sparsity.recipe.name': 'dense'}, **quiet), src)
-  frozen = dict(total_steps=1, **{'optimizer.lr': 0.0, 'sparsity.recipe.name': 'srste'}, **quiet)
+  src, tuned = trained[0], str(tmp_path / 'tuned')
+  _, src_step = init_from.resolve(src)  # The newest checkpoint: what init_from loads by default.
+  frozen = dict(total_steps=1, diagnostics_every_steps=0, eval_every_steps=1000,
+                **{'optimizer.lr': 0.0, 'sparsity.recipe.name': 'srste'})
   final = run_main_in_process(
       base_args(fmnist_source, tuned, *(f'--config.{k}={v}' for k, v in frozen.items()),
                 f'--config.init_from.path={src}', '--config.init_from.include=Transformer/.*'), monkeypatch)
   assert final['step'] == 1
-  fresh_setup = train_lib.setup(make_config(fmnist_source, data_dir, **frozen), steps_per_epoch=8)
+  fresh_setup = train_lib.setup(make_config(fmnist_source, str(tmp_path / 'tfds'), **frozen), steps_per_epoch=8)
   fresh = dict(leaves(jax.device_get(train_lib.create_state(fresh_setup, jax.random.key(0)).params)))
-  a, b, c = _params(src, 2), _params(tuned, 1), fresh
+  a, b, c = _params(src, src_step), _params(tuned, 1), fresh
   assert a.keys() == b.keys() == c.keys()
   encoder = [k for k in a if k.startswith('/Transformer/')]
   assert encoder and len(encoder) < len(a)
