@@ -82,7 +82,8 @@ _DEFAULTS: dict[str, Any] = dict(
     srste_lambda=2e-4,
     refresh_every=1000,  # 'hard': the mask period f, in steps
     mdgf_backward=ops.DEFAULT_MDGF_BACKWARD,
-    decay=dict(kind='exponential', final=0.02, duration=1.0, rate=None, interval=None,
+    decay=dict(kind='exponential', final=0.02, duration=1.0, rate=None, interval=None,  # duration
+               # None (configs written before it was a fraction) means the whole sparse phase.
                levels=16, width=None),
     structure=dict(kind='stepwise', levels=3, stages=None),
     sdgf_inner='ste',
@@ -143,7 +144,7 @@ def _merge(defaults: dict, overrides: Mapping[str, Any]) -> dict:
 
 def _check_type(key: str, value: Any, default: Any) -> None:
   if value is None:
-    if key in OPTIONAL_FIELDS or key == 'step.t_max':
+    if key in OPTIONAL_FIELDS or key in ('step.t_max', 'decay.duration'):  # duration None: 1.0
       return
     raise TypeError(f'Recipe config {key!r} cannot be None.')
   want = OPTIONAL_FIELDS.get(key, type(default))
@@ -178,7 +179,8 @@ def check_config(config: Any) -> dict[str, Any]:
     raise ValueError('recipe "step" finds its dense phase by AutoSwitch: leave dense_frac/'
                      'dense_steps at 0 and set step.t_min / step.t_max instead.')
   d, st = c['decay'], c['structure']
-  schedules.Decay.over(d['kind'], 1, final=d['final'], duration=d['duration'], rate=d['rate'],
+  schedules.Decay.over(d['kind'], 1, final=d['final'], rate=d['rate'],
+                       duration=1.0 if d['duration'] is None else d['duration'],
                        interval=d['interval'], levels=d['levels'], width=d['width'])
   schedules.Structure(kind=st['kind'], levels=st['levels'], stages=tuple(st['stages'] or ()))
   return c
@@ -230,7 +232,8 @@ class Recipe:
     if name == 'mdgf' or (name in ('sdgf', 'mdgf_sdgf') and inner == 'mdgf'):
       d = c['decay']
       decay = schedules.Decay.over(d['kind'], phases.sparse_steps, final=d['final'],
-                                   duration=d['duration'], rate=d['rate'], interval=d['interval'],
+                                   duration=1.0 if d['duration'] is None else d['duration'],
+                                   rate=d['rate'], interval=d['interval'],
                                    levels=d['levels'], width=d['width'])
     if name in ('sdgf', 'mdgf_sdgf'):
       s = c['structure']

@@ -559,6 +559,10 @@ def test_partial_plain_dict_config_takes_the_defaults():
   sp = nmsparse.make_sparsifier({'name': 'mdgf', 'decay': {'kind': 'linear'}}, RULES, make_params(),
                                 TOTAL, log=False)
   assert sp.recipe.decay.kind == 'linear' and sp.recipe.decay.rate == pytest.approx(1 / TOTAL)
+  # A config written before decay.duration was a fraction holds None there: the whole sparse phase.
+  sp = nmsparse.make_sparsifier({'name': 'mdgf', 'dense_steps': 10, 'decay': {'kind': 'cosine', 'duration': None}},
+                                RULES, make_params(), TOTAL, log=False)
+  assert sp.recipe.decay.duration == TOTAL - 10
 
 
 def test_configdict_config_works():
