@@ -12,6 +12,15 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tests compile many small programs and run each a few times. XLA's CPU backend without LLVM's
+# optimisation passes compiles them 3-4x faster (a T5 train step: 23 s -> 7 s) and runs them slower,
+# which tiny models do not notice; values agree to float32 rounding (no fast-math either way; a ViT
+# run's losses differ in the 7th digit). Set before JAX starts its CPU backend; subprocesses inherit
+# it. test_adapters and test_t5 compile this way per jit already. NMSPARSE_TEST_OPTIMIZED_XLA=1 keeps
+# the default optimisation.
+if not os.environ.get('NMSPARSE_TEST_OPTIMIZED_XLA') and 'xla_backend_optimization_level' not in os.environ.get(
+    'XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 # Runs of the same tiny configs share compiled programs through JAX's persistent cache: subprocess
 # runs (``run_main`` passes the directory on), and, in process, a test's reference and its run, or
 # the two pytest-xdist workers. Only programs that take a second or more to compile are stored.

@@ -78,9 +78,16 @@ def dataset(tmp_path_factory) -> tuple[str, str]:
 
 # ----------------------------------------------------------------------------- runs
 
-def _env(**extra: str) -> dict[str, str]:
+def _env(devices: int = 1, **extra: str) -> dict[str, str]:
+  """The session's environment without its device settings; ``devices`` fake CPU devices. XLA_FLAGS
+  keeps only the session's optimisation level (conftest: fast compiles), the same for every run."""
   env = {k: v for k, v in os.environ.items()
          if k not in ('XLA_FLAGS', 'JAX_NUM_CPU_DEVICES', 'JAX_PLATFORMS', 'NMSPARSE_DISTRIBUTED')}
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if f.startswith('--xla_backend_optimization_level')]
+  if devices > 1:
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
+  if flags:
+    env['XLA_FLAGS'] = ' '.join(flags)
   return env | {'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1'} | extra
 
 
@@ -228,7 +235,7 @@ def assert_same_run(workdir, reference: Reference) -> None:
 def test_eight_devices_data_fsdp_mesh_matches_one_device(dataset, reference, tmp_path):
   work = str(tmp_path / 'work')
   job = Job('eight_devices', _args(dataset, work, '--config.mesh.data=4', '--config.mesh.fsdp=2'),
-            _env(XLA_FLAGS='--xla_force_host_platform_device_count=8'), tmp_path)
+            _env(devices=8), tmp_path)
   wait_all(job)
   assert "{'data': 4, 'fsdp': 2}" in job.stderr()  # The mesh of the run's overview log.
   assert_same_run(work, reference)
