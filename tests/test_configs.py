@@ -150,7 +150,7 @@ def sparsified_kernels(config) -> set[str]:
 def test_imagenet_runlocal_trains_end_to_end_on_mock_data(tmp_path):
   """The ImageNet path (inception crop, RandAugment, mixup, sigmoid loss, bf16 off) on tfds mock data:
   4 steps, an eval, the whole (16-example) eval split counted once, exact 1:16 groups (15/16 of the
-  MLP kernels zero in the hard model).
+  MLP kernels zero in the hard model), and at the end the model evaluated is that hard model.
 
   Every step is a diagnostics step, so the one compiled train step also splits the mixup batch
   (soft labels included) into the 4 microbatches of the gradient-noise diagnostics; the plain
@@ -163,7 +163,9 @@ def test_imagenet_runlocal_trains_end_to_end_on_mock_data(tmp_path):
     final = train_lib.train_and_evaluate(config, str(tmp_path / 'imagenet'))
   assert final['step'] == config.total_steps == 4
   assert final['nm_valid'] == 1.0 and final['sparsity'] == pytest.approx(15 / 16)
-  assert final['eval_examples'] == 16 and 0 <= final['eval_accuracy'] <= 1
+  assert final['eval_examples'] == 16
+  # The run is over: the model evaluated is the hard N:M model (docs/method.md §2).
+  assert (final['eval_loss'], final['eval_accuracy']) == (final['hard_loss'], final['hard_accuracy'])
   with open(tmp_path / 'imagenet' / 'metrics.jsonl') as f:
     rows = [json.loads(line) for line in f]
   noise = {r['step']: (r['grad/kept_grad_signal'], r['grad/kept_grad_noise']) for r in rows
@@ -179,8 +181,8 @@ def test_imagenet_runlocal_trains_end_to_end_on_mock_data(tmp_path):
 def test_swinv2_runlocal_trains_end_to_end(fmnist_source, tmp_path):
   """SwinV2 on the shared loop: the preset sparsifies exactly the two MLP kernels of each of the
   four blocks (never attention, patch embedding, merging, position-bias MLP or head), the final
-  hard model has exact 1:8 groups (7/8 of those kernels zero), the whole 64-example eval split is
-  counted once.
+  hard model has exact 1:8 groups (7/8 of those kernels zero) and is the model evaluated at the end,
+  the whole 64-example eval split is counted once.
 
   No diagnostics step (``diagnostics_every_steps=0``): it reads only the parameter tree and masks,
   is run on ViT and T5, and would double the SwinV2 compile time.
@@ -196,6 +198,7 @@ def test_swinv2_runlocal_trains_end_to_end(fmnist_source, tmp_path):
   final = train_lib.train_and_evaluate(config, str(tmp_path / 'swin'))
   assert final['step'] == 6 and final['nm_valid'] == 1.0
   assert final['sparsity'] == pytest.approx(0.875) and final['eval_examples'] == 64
+  assert (final['eval_loss'], final['eval_accuracy']) == (final['hard_loss'], final['hard_accuracy'])
 
 
 def test_t5_c4_config_mirrors_t5x_pretraining():
