@@ -142,9 +142,11 @@ def topology_devices(name: str) -> list:
   if name.split(':')[0] in GPUS:
     return gpu_devices(name)
   os.environ['TPU_LIBRARY_PATH'] = libtpu_path()
-  # No TPU here: skip the metadata server and name this host, or libtpu warns at length.
+  # No TPU here: skip the metadata server and name this host, or libtpu warns at length; and
+  # let several processes load it at once (compiling only, they share no device).
   for key, value in (('TPU_SKIP_MDS_QUERY', '1'), ('TPU_WORKER_HOSTNAMES', 'localhost'),
-                     ('TPU_WORKER_ID', '0'), ('TPU_ACCELERATOR_TYPE', 'v5litepod-4')):
+                     ('TPU_WORKER_ID', '0'), ('TPU_ACCELERATOR_TYPE', 'v5litepod-4'),
+                     ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')):
     os.environ.setdefault(key, value)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   try:
