@@ -7,7 +7,7 @@ Model ``mu``: embed 32, depths 2-2, heads 2-4, patch 2, window 7 (shifted on the
 Sparsity as in the paper: the MLPs (optionally Q, K, V); never the patch embedding, patch
 merging, the position-bias MLP, the output projection or the head.
 Hardware: 2 CPU cores. Measured (README results table): ``:epochs=1`` (468 steps) gives top-1
-75.53 % at 1:8 in 14 min with two other runs sharing the cores; the 5-epoch default is not measured.
+76.21 % at 1:8 in 10 min with test runs sharing the cores; the 5-epoch default is not measured.
 """
 
 import ml_collections

@@ -10,8 +10,8 @@ Arguments (``--config=configs/vit_fashion_mnist.py:recipe=srste,nm=1:16``):
   structure SDGF schedule: stepwise | geometric | densify
   epochs    training length; runlocal: a few steps of a tiny model (smoke test)
 
-Hardware: 2 CPU cores. Expected (measured, README results table): 2,340 steps in 7 minutes
-(11 on a shared machine), top-1 87.06 % with 87.5 % of the MLP weights pruned (1:8).
+Hardware: 2 CPU cores. Expected (measured, README results table): 2,340 steps in 3 minutes
+(5 on a shared machine), top-1 86.68 % with 87.5 % of the MLP weights pruned (1:8).
 """
 
 import ml_collections

@@ -84,7 +84,7 @@ def sparsity(params: PyTree, specs: PyTree, *, per_param: bool = False
 
 
 def _group_nonzeros(w: jax.Array, spec: rules_lib.NMSpec) -> jax.Array:
-  """Nonzero count of each N:M group of ``w``, shape ``(pre, K // M, post)``."""
+  """Nonzero count of each N:M group of ``w``, shape ``(pre, K // M, *post)``."""
   axes = masks_lib.normalize_axes(w.ndim, spec.axes)
   g, _ = masks_lib._to_groups(w != 0, axes, spec.m)  # pylint: disable=protected-access
   return jnp.sum(g, axis=2, dtype=jnp.int32)

@@ -62,7 +62,12 @@ def check_nm(shape: Sequence[int], n: int, m: int, axis: Axes = 0,
 
 
 def _to_groups(x: jax.Array, axes: tuple[int, ...], m: int):
-  """Views ``x`` as ``(pre, K // m, m, post)``; returns the view and an inverse."""
+  """Views ``x`` as ``(pre, K // m, m, *post)``; returns the view and an inverse.
+
+  The axes after the contraction axes stay as they are: merging them (``heads x head_dim``
+  of a q/k/v kernel) would change the minor dimensions of the array, which on TPU is a
+  relayout copy of the whole kernel. Leading axes are merged (major dimensions, free).
+  """
   lo, hi = axes[0], axes[-1]
   perm = None
   if axes != tuple(range(lo, hi + 1)):  # Non-contiguous: gather them at `lo`.
@@ -71,9 +76,9 @@ def _to_groups(x: jax.Array, axes: tuple[int, ...], m: int):
     x = jnp.transpose(x, perm)
     hi = lo + len(axes) - 1
   shape = x.shape
-  pre, post = math.prod(shape[:lo]), math.prod(shape[hi + 1:])
+  pre, post = math.prod(shape[:lo]), shape[hi + 1:]
   k = math.prod(shape[lo:hi + 1])
-  g = x.reshape(pre, k // m, m, post)
+  g = x.reshape(pre, k // m, m, *post)
 
   def back(y):
     y = y.reshape(shape)
@@ -87,10 +92,10 @@ def _to_groups(x: jax.Array, axes: tuple[int, ...], m: int):
 def _pairwise_keep(a: jax.Array, n: int, m: int) -> jax.Array:
   """rank_i = #{j : a_j > a_i or (a_j == a_i and j < i)}; keep rank_i < n. O(M) per entry.
 
-  Works on the M strided slices ``a[:, :, j, :]`` of a group, so that no array keeps the
+  Works on the M strided slices ``a[:, :, j]`` of a group, so that no array keeps the
   small group axis in a tiled position (on TPU that padding cost 4x the bytes at 2:4).
   """
-  cols = [a[:, :, j, :] for j in range(m)]
+  cols = [a[:, :, j] for j in range(m)]
   keeps = []
   for i in range(m):
     rank = jnp.zeros(cols[i].shape, jnp.int32)
@@ -119,9 +124,10 @@ def _pick(v: jax.Array, idx: jax.Array, better) -> jax.Array:
     init = (jnp.zeros((), v.dtype), jnp.array(-1, jnp.int32))  # Index -1: never better than an entry.
     return lax.reduce((v, i), init, combine, (axis,))
 
-  p, g, m, q = v.shape
+  p, g, m, *post = v.shape
   if m > 16 and m % 16 == 0:
-    v, idx = reduce(v.reshape(p, g, m // 16, 16, q), idx.reshape(p, g, m // 16, 16, q), 3)
+    split = (p, g, m // 16, 16, *post)
+    v, idx = reduce(v.reshape(split), idx.reshape(split), 3)
   return reduce(v, idx, 2)[1][:, :, None]
 
 
@@ -165,8 +171,8 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: Axes = 0) -> jax.Array:
   lower index. ``axis`` may be a tuple of contraction axes, flattened in
   row-major order before grouping (``DenseGeneral`` output projections).
 
-  The algorithm is chosen per (N, M) for speed: a pairwise rank for M <= 4 (and 3 or
-  4 of 8), min(N, M - N) argmax passes otherwise (two-level reductions past M = 16), a
+  The algorithm is chosen per (N, M) for speed: a pairwise rank for 2:4 (and 3 or 4 of
+  8), min(N, M - N) argmax passes otherwise (two-level reductions past M = 16), a
   stable sort past 8 passes. NaN counts as
   the largest magnitude, so every group still keeps exactly N entries.
   """
@@ -178,8 +184,8 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: Axes = 0) -> jax.Array:
     a = jnp.where(jnp.isnan(a), jnp.inf, a)
   g, back = _to_groups(a, axes, m)
   passes = min(n, m - n)
-  if m <= 4 or (m <= 8 and passes >= 3):  # Measured (benchmarks/mask_speed.py): fastest on CPU,
-    keep = _pairwise_keep(g, n, m)        # fewest bytes on TPU.
+  if (m <= 4 and passes >= 2) or (m <= 8 and passes >= 3):  # Measured (benchmarks/mask_speed.py):
+    keep = _pairwise_keep(g, n, m)        # fastest on CPU, fewest bytes on TPU.
   elif passes <= _MAX_PASSES:
     keep = _passes_keep(g, n, m)
   else:

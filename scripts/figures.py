@@ -119,6 +119,11 @@ def schedule_curves(recipe_config: dict, total_steps: int, nm: str,
 
 # ----------------------------------------------------------------------------- figures
 
+def _setting(common: Optional[str]) -> str:
+  """The setting all curves share, once in the title instead of in every legend label."""
+  return f' [{common}]' if common else ''
+
+
 def fig_metric_vs_sparsity(title: str, records: Sequence[tables.Record], metric: tables.Metric,
                            path: str) -> Optional[str]:
   """Final metric per recipe over N:M (categorical, by sparsity) with sample-std error bars."""
@@ -130,12 +135,13 @@ def fig_metric_vs_sparsity(title: str, records: Sequence[tables.Record], metric:
   fig, ax = plt.subplots(figsize=(7, 4.5))
   x = np.arange(len(columns))
   sparse_rows = [row for row in rows if row[0] != 'dense']
+  common = tables.common_setting(rows)
   for row in rows:
     pts = [(i, tables.summarize(cells[(row, c)].values)) for i, c in enumerate(columns)
            if cells.get((row, c)) and cells[(row, c)].values]
     if not pts:
       continue
-    label = tables.row_label(row)
+    label = tables.row_label(row, common)
     if row[0] == 'dense':
       mean, std, n = pts[0][1]
       ax.axhline(mean, color=color(row[0]), lw=1.2, ls=':', label=f'{label} (n={n})')
@@ -150,7 +156,8 @@ def fig_metric_vs_sparsity(title: str, records: Sequence[tables.Record], metric:
   ax.set_xticks(x, [f'{c}\n{1 - np.divide(*sweep.parse_nm(c)):.1%}' for c in columns])
   ax.set_xlabel('N:M pattern (sparsity 1 - N/M of the sparsified kernels)')
   ax.set_ylabel(f'final {metric.label}')
-  ax.set_title(f'{title}\nfinal {metric.label} vs N:M (mean ± sample std over seeds)', fontsize=10)
+  ax.set_title(f'{title}{_setting(common)}\nfinal {metric.label} vs N:M (mean ± sample std over seeds)',
+               fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc='best')
   fig.tight_layout()
@@ -175,11 +182,12 @@ def fig_schedules(title: str, records: Sequence[tables.Record], nm: str, path: s
   plt = _pyplot()
   fig, (ax_a, ax_d) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
   notes = []
+  common = tables.common_setting(by_row)
   for row in sorted(by_row, key=tables.row_sort_key):
     r = by_row[row]
     total = _length(r)
     recipe_cfg = r.config['sparsity']['recipe']
-    label = tables.row_label(row)
+    label = tables.row_label(row, common)
     if recipe_cfg.get('name') == 'step':
       logged = metrics_rows(r)
       s_a, a = series(logged, 'sparsity/decay')
@@ -195,7 +203,7 @@ def fig_schedules(title: str, records: Sequence[tables.Record], nm: str, path: s
     ax_a.plot(steps / total, a, color=color(row[0]), label=label)
     ax_d.plot(steps / total, d, color=color(row[0]), label=label)
   ax_a.set_ylabel('decay a(t)')
-  ax_a.set_title(f'{title}\nN:M {nm}: MDGF decay a(t) and kernel density over training', fontsize=10)
+  ax_a.set_title(f'{title}{_setting(common)}\nN:M {nm}: MDGF decay a(t) and kernel density over training', fontsize=10)
   ax_d.set_ylabel('density of sparsified kernels')
   ax_d.set_xlabel('fraction of training (step / total steps)')
   ax_d.set_yscale('log', base=2)
@@ -223,6 +231,7 @@ def fig_dynamics(title: str, records: Sequence[tables.Record], nm: str, path: st
   plt = _pyplot()
   fig, axes = plt.subplots(2, 2, figsize=(13, 7.5), sharex=True)
   legend: dict[str, object] = {}  # One figure legend: a recipe per colour.
+  common = tables.common_setting(by_row)
   for ax, (panel, ylabel, keys, log) in zip(axes.flat, DYNAMICS):
     drawn = False
     for row in sorted(by_row, key=tables.row_sort_key):
@@ -238,7 +247,7 @@ def fig_dynamics(title: str, records: Sequence[tables.Record], nm: str, path: st
           if not steps.size:
             continue
         line, = ax.plot(steps, mean, ls=style, color=color(row[0]), lw=1.2)
-        legend.setdefault(f'{tables.row_label(row)} (n={len(curves)})', line)
+        legend.setdefault(f'{tables.row_label(row, common)} (n={len(curves)})', line)
         drawn = True
     ax.set_title(panel, fontsize=9)
     ax.set_ylabel(ylabel)
@@ -251,7 +260,7 @@ def fig_dynamics(title: str, records: Sequence[tables.Record], nm: str, path: st
               transform=ax.transAxes, fontsize=8)
   for ax in axes[-1]:
     ax.set_xlabel('training step')
-  fig.suptitle(f'{title}\nN:M {nm}: mask flips and kept (solid) vs pruned (dashed) gradients, '
+  fig.suptitle(f'{title}{_setting(common)}\nN:M {nm}: mask flips and kept (solid) vs pruned (dashed) gradients, '
                'mean over seeds', fontsize=10)
   if legend:
     fig.legend(list(legend.values()), list(legend), loc='center right', fontsize=8, frameon=False)

@@ -243,9 +243,16 @@ def row_sort_key(row: tuple[str, str]) -> tuple:
   return (order.index(variant) if variant in order else len(order), variant, setting != '', setting)
 
 
-def row_label(row: tuple[str, str]) -> str:
+def row_label(row: tuple[str, str], common: Optional[str] = None) -> str:
+  """``MDGF-exponential [epochs5]``; the setting is left out when it is ``common`` to every row."""
   variant, setting = row
-  return sweep.label(variant) + (f' [{setting}]' if setting else '')
+  return sweep.label(variant) + (f' [{setting}]' if setting and setting != common else '')
+
+
+def common_setting(rows) -> Optional[str]:
+  """The setting every row shares (figures put it in the title, once), else None."""
+  settings = {row[1] for row in rows}
+  return settings.pop() if len(settings) == 1 else None
 
 
 # ----------------------------------------------------------------------------- FLOPs

@@ -1,7 +1,7 @@
 r"""The paper's three settings compiled for Cloud TPU slices, every recipe: results/tpu_plan.md.
 
     python -m scripts.tpu_plan --mode run [--jobs 2]   # compile every cell (resumable)
-    python -m scripts.tpu_plan --mode table            # results/tpu_plan.md from the JSON files
+    python -m scripts.tpu_plan --mode table [--write]  # the tables from the JSON files (into results/tpu_plan.md)
     python -m scripts.tpu_plan --mode print            # the commands, one per pending cell
 
 Cells: ViT-B/16 on ImageNet (``configs/vit_imagenet.py``, batch 4096), SwinV2-B on ImageNet
@@ -24,6 +24,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +32,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join('results', 'tpu_plan')
 PRIMARY, SECONDARY, GPU = 'v4:2x2x4', 'v5e:4x8', 'h100:8'
+PROGRAMS = ('train', 'diagnostics', 'eval')  # Column "programs": their initials, t+d+e.
+DOC = os.path.join('results', 'tpu_plan.md')
+BEGIN, END = '<!-- tables: python -m scripts.tpu_plan --mode table -->', '<!-- end of tables -->'
 RECIPES = ('ste', 'srste', 'mdgf', 'sdgf', 'mdgf_sdgf', 'step')
 MODELS = {  # name: (config file, layer presets, title)
     'vit': ('configs/vit_imagenet.py', ('mlp', 'mlp_qkv'), 'ViT-B/16, ImageNet, batch 4096'),
@@ -66,7 +70,7 @@ class Cell:
 
 def cells(gpu: bool = True) -> list[Cell]:
   out = []
-  full = ('train', 'diagnostics', 'eval')
+  full = PROGRAMS
   for model, (_, presets, _) in MODELS.items():
     first = presets[0]
     out.append(Cell(model, 'dense', '1:16', first, PRIMARY, full))
@@ -97,6 +101,7 @@ def run_cell(cell: Cell, python: str) -> tuple[Cell, int, float]:
     with open(cell.json_path, 'w') as f:
       json.dump(out, f, indent=2, sort_keys=True)
     os.remove(log)
+    shutil.rmtree(workdir)  # It held only that JSON.
   return cell, code, time.time() - t0
 
 
@@ -156,7 +161,7 @@ def table(results: dict[Cell, dict]) -> str:
         ratio = lambda key: (train[key] / dense['programs']['train'][key]) if dense else float('nan')
         lines.append(
             f'| {c.recipe} | {c.nm if c.recipe != "dense" else "-"} | {c.layers if c.recipe != "dense" else "-"} | '
-            f'{_gb(need)} | {r["headroom"]:.0%} | {"+".join(p[0] for p in r["programs"])} | '
+            f'{_gb(need)} | {r["headroom"]:.0%} | {"+".join(p[0] for p in PROGRAMS if p in r["programs"])} | '
             f'{train["step_s"] * 1e3:.1f} | {train["bound"]} | {r["mfu"]:.1%} | {r["examples_per_s"]:,.0f} | '
             f'{r["run_wall_s"] / 3600:.1f} | {r["run_chip_hours"]:,.0f} | {ratio("flops"):.4f} | '
             f'{ratio("bytes_accessed"):.4f} | {ratio("step_s"):.4f} |')
@@ -170,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument('--jobs', type=int, default=1, help='compiles at a time (each uses about one core)')
   ap.add_argument('--python', default=sys.executable)
   ap.add_argument('--no_gpu', action='store_true', help='leave out the 8 x H100 cells')
+  ap.add_argument('--write', action='store_true', help=f'--mode table: put the tables into {DOC}')
   args = ap.parse_args(argv)
   os.chdir(ROOT)
   if args.mode == 'print':
@@ -179,7 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   if args.mode == 'run':
     return run(args.jobs, args.python, not args.no_gpu)
-  print(table(load()))
+  text = table(load())
+  if not args.write:
+    print(text)
+    return 0
+  with open(DOC) as f:
+    doc = f.read()
+  if BEGIN not in doc or END not in doc:
+    raise SystemExit(f'{DOC} has no {BEGIN!r} ... {END!r} markers to put the tables between.')
+  head, rest = doc.split(BEGIN, 1)
+  with open(DOC, 'w') as f:
+    f.write(head + BEGIN + '\n\n' + text + '\n' + END + rest.split(END, 1)[1])
+  print(f'tables written to {DOC}')
   return 0
 
 

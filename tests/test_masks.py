@@ -251,6 +251,18 @@ def test_negative_axis_on_scanned_kernel_equals_per_layer(n, m):
   np.testing.assert_array_equal(group_counts(got, m, axis=1), n)
 
 
+@pytest.mark.parametrize('n,m', [(2, 4), (1, 4), (1, 8), (3, 8), (1, 32), (12, 32)])
+def test_qkv_kernel_and_last_axis_every_algorithm(n, m):
+  # Every algorithm (pairwise, passes, two-level passes, sort) on a q/k/v kernel
+  # (embed, heads, head_dim) grouped along embed, whose trailing axes stay unmerged,
+  # and along the last axis (nothing after the group axis).
+  rng = np.random.default_rng(7)
+  w = int_weights(rng, (64, 3, 5))
+  np.testing.assert_array_equal(mask(w, n, m, axis=0), ref_mask(w, n, m, axes=(0,)))
+  w2 = int_weights(rng, (3, 64))
+  np.testing.assert_array_equal(mask(w2, n, m, axis=-1), ref_mask(w2, n, m, axes=(1,)))
+
+
 def test_axes01_equals_reshaped_kernel():
   rng = np.random.default_rng(2)
   h, hd, e = 3, 4, 6  # 12 contraction entries; groups of 4 straddle heads (3 * 4 = 12).

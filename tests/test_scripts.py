@@ -427,3 +427,14 @@ def test_figures_write_png_files(tmp_path, capsys):
     with open(p, 'rb') as f:
       assert f.read(8) == PNG_MAGIC
     assert os.path.getsize(p) > 20_000, p
+
+
+def test_legend_labels_leave_out_a_setting_every_curve_shares():
+  rows = [('mdgf-exp', 'varianttiny_steps400'), ('srste', 'varianttiny_steps400')]
+  common = tables.common_setting(rows)
+  assert common == 'varianttiny_steps400'
+  assert tables.row_label(rows[0], common) == 'MDGF-exponential'
+  assert figures._setting(common) == ' [varianttiny_steps400]'  # Said once, in the title.
+  mixed = [('srste', 'epochs1'), ('srste', 'epochs5')]
+  assert tables.common_setting(mixed) is None
+  assert [tables.row_label(r, None) for r in mixed] == ['SR-STE [epochs1]', 'SR-STE [epochs5]']

@@ -1,0 +1,67 @@
+"""scripts/tpu_plan.py: the grid issue 12 asks for, and its tables from per-cell JSON files."""
+
+import pytest
+
+from scripts import tpu_plan
+
+
+def test_grid_covers_every_setting_recipe_and_generation():
+  cells = tpu_plan.cells(gpu=False)
+  names = {(c.model, c.recipe, c.nm, c.layers, c.topology) for c in cells}
+  assert len(names) == len(cells)  # No cell twice.
+  for model, presets in (('vit', ('mlp', 'mlp_qkv')), ('swinv2', ('mlp', 'mlp_qkv')), ('t5', ('all',))):
+    for recipe in ('ste', 'srste', 'mdgf', 'sdgf', 'mdgf_sdgf', 'step'):
+      for layers in presets:
+        assert (model, recipe, '1:16', layers, 'v4:2x2x4') in names
+    assert (model, 'mdgf', '2:4', presets[0], 'v4:2x2x4') in names
+    for topology in ('v4:2x2x4', 'v5e:4x8'):
+      assert (model, 'dense', '1:16', presets[0], topology) in names
+    assert (model, 'mdgf', '1:16', presets[0], 'v5e:4x8') in names
+  # 3 models x (dense + 6 recipes x presets + MDGF 2:4) on v4, and 2 cells each on v5e.
+  assert len(cells) == (1 + 12 + 1) * 2 + (1 + 6 + 1) + 3 * 2
+  with_gpu = tpu_plan.cells(gpu=True)
+  assert len(with_gpu) == len(cells) + (1 + 12 + 1) * 2 + (1 + 6 + 1)
+  # Full programs (train, diagnostics, eval) where the headroom check needs them.
+  full = {(c.model, c.recipe, c.topology) for c in cells if c.programs == tpu_plan.PROGRAMS}
+  assert ('vit', 'dense', 'v4:2x2x4') in full and ('t5', 'mdgf', 'v5e:4x8') in full
+  cmd = tpu_plan.Cell('vit', 'sdgf', '1:16', 'mlp_qkv', 'v4:2x2x4', ('train',)).command()
+  assert '--config=configs/vit_imagenet.py:recipe=sdgf,nm=1:16,layers=mlp_qkv' in cmd
+  assert '--topology=v4:2x2x4' in cmd and '--mode=compile' in cmd
+
+
+def _result(flops, nbytes, step_s, total_bytes, programs=('train',)):
+  prog = dict(flops=flops, bytes_accessed=nbytes, step_s=step_s, bound='memory', total_bytes=total_bytes)
+  return dict(chips=16, chip=dict(name='v4'), devices=32, per_device_batch=128.0, total_steps=1000,
+              hbm_per_device_bytes=16e9, headroom=0.25, mfu=0.5, examples_per_s=1000.0,
+              run_wall_s=7200.0, run_chip_hours=32.0, programs={p: prog for p in programs})
+
+
+def test_table_ratios_to_dense_and_program_order():
+  dense = tpu_plan.Cell('vit', 'dense', '1:16', 'mlp', 'v4:2x2x4', tpu_plan.PROGRAMS)
+  ste = tpu_plan.Cell('vit', 'ste', '1:16', 'mlp', 'v4:2x2x4', ('train',))
+  # JSON files store programs in sorted key order: diagnostics, eval, train.
+  d = _result(100.0, 200.0, 0.010, 12e9, programs=('diagnostics', 'eval', 'train'))
+  s = _result(101.0, 210.0, 0.0105, 11e9)
+  text = tpu_plan.table({ste: s, dense: d})
+  rows = [l for l in text.splitlines() if l.startswith('| dense') or l.startswith('| ste')]
+  assert rows[0].startswith('| dense')  # Dense first whatever the dict order.
+  cols = [c.strip() for c in rows[1].strip('|').split('|')]
+  # FLOPs 101 / 100, bytes 210 / 200, time 10.5 / 10 ms: by hand.
+  assert cols[-3:] == ['1.0100', '1.0500', '1.0500']
+  assert cols[3] == '11.00' and cols[6] == '10.5'  # HBM GB, step ms.
+  assert [c.strip() for c in rows[0].strip('|').split('|')][5] == 't+d+e'
+
+
+def test_write_replaces_only_the_marked_tables(tmp_path, monkeypatch):
+  monkeypatch.setattr(tpu_plan, 'ROOT', str(tmp_path))
+  (tmp_path / 'results').mkdir()
+  doc = tmp_path / tpu_plan.DOC
+  doc.write_text(f'intro\n{tpu_plan.BEGIN}\nold table\n{tpu_plan.END}\nanalysis\n')
+  monkeypatch.setattr(tpu_plan, 'load', lambda: {})
+  assert tpu_plan.main(['--mode', 'table', '--write']) == 0
+  text = doc.read_text()
+  assert text.startswith('intro\n') and text.endswith(f'{tpu_plan.END}\nanalysis\n')
+  assert 'old table' not in text
+  doc.write_text('no markers\n')
+  with pytest.raises(SystemExit, match='markers'):
+    tpu_plan.main(['--mode', 'table', '--write'])
