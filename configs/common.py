@@ -94,6 +94,7 @@ def run_defaults(config: ml_collections.ConfigDict) -> None:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.diagnostics_every_steps = 50  # nmsparse diagnostics (sparsity, flips, grad norms)
+  config.diagnostics_points = ph(int)  # Instead: about this many diagnostics steps over the run.
   config.diagnostics_microbatches = 4  # Gradient noise from 4 microbatch gradients (0: skip).
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.abstract_lowering_only = False

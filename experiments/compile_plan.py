@@ -311,7 +311,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
   state = _abstract(s.abstract_state, s.shardings)
   wanted = programs
   programs = {'train': (train_lib.make_train_step(s), config.batch_size)}
-  if 'diagnostics' in wanted and (config.get('diagnostics_every_steps') or 0) > 0:
+  if 'diagnostics' in wanted and s.diagnostics_every > 0:
     programs['diagnostics'] = (train_lib.make_train_step(s, diagnostics=True), config.batch_size)
   if 'eval' in wanted:
     programs['eval'] = (train_lib.make_eval_step(s), config.get('eval_batch_size') or config.batch_size)
@@ -345,7 +345,7 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
   tokens = _tokens_per_example(config)
   if tokens:
     out['tokens_per_s'] = out['examples_per_s'] * tokens
-  out |= _run_time(config, s.total_steps, out)
+  out |= _run_time(config, s.total_steps, s.diagnostics_every, out)
   if out['headroom'] < HEADROOM:
     raise DoesNotFit(_no_fit_message(config, out, need, hbm))
   return out
@@ -358,10 +358,9 @@ def _tokens_per_example(config) -> int | None:
   return int(data.inputs_length) + int(data.get('targets_length') or 0)
 
 
-def _run_time(config, total_steps: int, out: dict) -> dict[str, float]:
+def _run_time(config, total_steps: int, diag_every: int, out: dict) -> dict[str, float]:
   """The whole run: train steps (diagnostics steps at their own time) and the evaluations."""
   progs = out['programs']
-  diag_every = config.get('diagnostics_every_steps') or 0
   n_diag = total_steps // diag_every if diag_every and 'diagnostics' in progs else 0
   train_s = (total_steps - n_diag) * progs['train']['step_s']
   if n_diag:  # Diagnostics steps at their own time; uncompiled, they count as ordinary steps.

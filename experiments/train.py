@@ -50,6 +50,7 @@ class Setup:
   steps_per_epoch: int
   abstract_state: PyTree
   shardings: PyTree
+  diagnostics_every: int = 0  # Steps between diagnostics steps (0: none); see diagnostics_every().
 
 
 def sparsity_rules(config: ml_collections.ConfigDict, task: Task) -> list:
@@ -99,6 +100,7 @@ def setup(config: ml_collections.ConfigDict, *, steps_per_epoch: int, devices=No
   total = optimizer_lib.duration_steps(config, 'total', steps_per_epoch, config.batch_size)
   if not total:
     raise ValueError('Set the run length: config.total_steps, total_epochs or total_examples.')
+  diag_every = diagnostics_every(config, total)
   batch = task.dummy_batch(config, 2)
   abstract_params = jax.eval_shape(lambda: task.init(model, jax.random.key(0), batch))
   sp = nmsparse.make_sparsifier(config.sparsity.recipe, sparsity_rules(config, task), abstract_params,
@@ -108,7 +110,24 @@ def setup(config: ml_collections.ConfigDict, *, steps_per_epoch: int, devices=No
   abstract_state = jax.eval_shape(functools.partial(_create_state, task, model, sp, tx, batch),
                                   jax.random.key(0))
   shardings = state_lib.state_shardings(abstract_state, mesh)
-  return Setup(config, task, model, mesh, sp, tx, lr, total, steps_per_epoch, abstract_state, shardings)
+  return Setup(config, task, model, mesh, sp, tx, lr, total, steps_per_epoch, abstract_state, shardings,
+               diag_every)
+
+
+def diagnostics_every(config: ml_collections.ConfigDict, total_steps: int) -> int:
+  """Steps between diagnostics steps: ``diagnostics_every_steps``, or from ``diagnostics_points``.
+
+  ``config.diagnostics_points = P`` spreads about P diagnostics steps over the run whatever its
+  length (every ``max(1, total_steps // P)`` steps), so that a sweep over run lengths keeps the
+  curves' resolution without a step count copied into the config; it replaces
+  ``diagnostics_every_steps``. 0 or None in both: no diagnostics steps.
+  """
+  points = config.get('diagnostics_points')
+  if points:
+    if points < 0:
+      raise ValueError(f'config.diagnostics_points={points}: give a positive number of points (or None).')
+    return max(1, total_steps // points)
+  return config.get('diagnostics_every_steps') or 0
 
 
 def _create_state(task, model, sp, tx, batch, rng) -> state_lib.TrainState:
@@ -289,7 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     diag_step = make_train_step(s, diagnostics=True)
     eval_step = make_eval_step(s)
     writer = reporting.MetricWriter(workdir)
-    every = config.diagnostics_every_steps
+    every = s.diagnostics_every
     progress = reporting.Progress(start, s.total_steps, diagnostics_every=every)
     sharding = state_lib.batch_sharding(s.mesh)
     block_every_step = jax.device_count() > 2 and jax.devices()[0].platform == 'cpu'

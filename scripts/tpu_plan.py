@@ -105,8 +105,15 @@ def run_cell(cell: Cell, python: str) -> tuple[Cell, int, float]:
   return cell, code, time.time() - t0
 
 
+def priority(cell: Cell) -> tuple:
+  """Run order: the v4 grid, the second TPU generation, then GPU (dense and MDGF 1:16 first)."""
+  first = MODELS[cell.model][1][0]
+  main_pair = cell.recipe in ('dense', 'mdgf') and cell.nm == '1:16' and cell.layers == first
+  return ({PRIMARY: 0, SECONDARY: 1}.get(cell.topology, 2), not main_pair, list(MODELS).index(cell.model))
+
+
 def run(jobs: int, python: str, gpu: bool = True) -> int:
-  pending = [c for c in cells(gpu) if not os.path.exists(c.json_path)]
+  pending = sorted((c for c in cells(gpu) if not os.path.exists(c.json_path)), key=priority)
   for c in pending:
     os.makedirs(os.path.dirname(c.json_path), exist_ok=True)
   print(f'{len(pending)} of {len(cells(gpu))} cells to compile, {jobs} at a time', flush=True)

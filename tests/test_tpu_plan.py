@@ -65,3 +65,12 @@ def test_write_replaces_only_the_marked_tables(tmp_path, monkeypatch):
   doc.write_text('no markers\n')
   with pytest.raises(SystemExit, match='markers'):
     tpu_plan.main(['--mode', 'table', '--write'])
+
+
+def test_run_order_v4_then_v5e_then_gpu_main_pair_first():
+  order = sorted(tpu_plan.cells(gpu=True), key=tpu_plan.priority)
+  tops = [c.topology for c in order]
+  assert tops == sorted(tops, key=['v4:2x2x4', 'v5e:4x8', 'h100:8'].index)
+  gpu = [c for c in order if c.topology == 'h100:8']
+  assert {(c.model, c.recipe) for c in gpu[:6]} == {(m, r) for m in ('vit', 'swinv2', 't5') for r in ('dense', 'mdgf')}
+  assert all(c.nm == '1:16' for c in gpu[:6])

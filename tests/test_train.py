@@ -31,7 +31,8 @@ from experiments import train as train_lib
 
 CONFIG = 'configs/vit_fashion_mnist.py:runlocal'
 # The trained run every resume/evaluate test copies: 1 epoch of the 256 fake images at batch 32.
-TRAINED = {'total_steps': None, 'total_epochs': 1.0, 'checkpoint_every_steps': 4}
+# diagnostics_points=3 over 8 steps: a diagnostics step every 8 // 3 = 2 steps and the last.
+TRAINED = {'total_steps': None, 'total_epochs': 1.0, 'checkpoint_every_steps': 4, 'diagnostics_points': 3}
 STEPS = 8
 
 
@@ -153,6 +154,8 @@ def test_train_writes_metrics_config_and_environment(trained):
   for key in ('train/loss', 'sparsity/decay', 'sparsity/mask_flip_rate', 'grad/pruned_grad_norm',
               'grad/kept_grad_norm', 'sparsity/nm_valid', 'sparsity/achieved'):
     assert key in keys, key
+  # Diagnostics steps start at steps 0, 2, 4, 6 and the last (7); metrics are logged after them.
+  assert [r['step'] for r in read_metrics(work) if 'sparsity/mask_flip_rate' in r] == [1, 3, 5, 7, 8]
   assert os.listdir(os.path.join(work, 'tb')), 'TensorBoard event files'
   assert json.load(open(os.path.join(work, 'config.json')))['sparsity']['nm'] == '1:8'
   assert any('ETA' in line and 'steps/s' in line for line in lines)
@@ -374,3 +377,17 @@ def test_a_resume_under_another_environment_is_logged(tmp_path, caplog):
   assert 'python' not in record.getMessage()
   assert json.load(open(tmp_path / 'environment.json'))['packages'] == {'jax': '0.2'}
   assert json.load(open(tmp_path / 'config.json')) == {'x': 1}
+
+
+@pytest.mark.parametrize('every,points,total,want', [
+    (50, None, 1000, 50), (0, None, 1000, 0), (None, None, 1000, 0),
+    (50, 60, 2340, 39), (None, 60, 468, 7), (None, 60, 40, 1), (5, 8, 8, 1)])
+def test_diagnostics_every_from_points_by_hand(every, points, total, want):
+  config = ml_collections.ConfigDict(dict(diagnostics_every_steps=every, diagnostics_points=points))
+  assert train_lib.diagnostics_every(config, total) == want
+
+
+def test_negative_diagnostics_points_is_an_error():
+  config = ml_collections.ConfigDict(dict(diagnostics_every_steps=50, diagnostics_points=-3))
+  with pytest.raises(ValueError, match='diagnostics_points=-3'):
+    train_lib.diagnostics_every(config, 100)
