@@ -121,7 +121,7 @@ def schedule_curves(recipe_config: dict, total_steps: int, nm: str,
 
 def _setting(common: Optional[str]) -> str:
   """The setting all curves share, once in the title instead of in every legend label."""
-  return f' [{common}]' if common else ''
+  return f'\nsetting: {common}' if common else ''
 
 
 def fig_metric_vs_sparsity(title: str, records: Sequence[tables.Record], metric: tables.Metric,

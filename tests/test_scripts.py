@@ -434,7 +434,7 @@ def test_legend_labels_leave_out_a_setting_every_curve_shares():
   common = tables.common_setting(rows)
   assert common == 'varianttiny_steps400'
   assert tables.row_label(rows[0], common) == 'MDGF-exponential'
-  assert figures._setting(common) == ' [varianttiny_steps400]'  # Said once, in the title.
+  assert figures._setting(common) == '\nsetting: varianttiny_steps400'  # Once, in the title.
   mixed = [('srste', 'epochs1'), ('srste', 'epochs5')]
   assert tables.common_setting(mixed) is None
   assert [tables.row_label(r, None) for r in mixed] == ['SR-STE [epochs1]', 'SR-STE [epochs5]']
