@@ -5,8 +5,10 @@ r"""T5.1.1-Base span-corruption pretraining on C4, mirroring T5X's pretraining s
         --config.data.vocab=gs://BUCKET/vocabs/cc_all.32000/sentencepiece.model \
         --workdir=gs://BUCKET/runs/t5_base_mdgf_1x16
 
-Hardware: a TPU v4-64 / v5e-64 slice (set NMSPARSE_DISTRIBUTED=1), data parallel.
-Expected wall time: about a day for 100k steps on v4-64 (not measured here).
+Hardware (measured ahead of time, ``results/tpu_plan.md``): fits a v4-32, data parallel, 5.08 GB
+of a device's 17.18 GB (70 % headroom); the train step's roofline is 113 ms (memory-bound with 8
+sequences per device), so 100k steps take at least 3.1 h, 50 chip-hours. On Cloud TPU set
+NMSPARSE_DISTRIBUTED=1.
 
 T5X (t5_1_1/base.gin + runs/pretrain.gin, c4_v220_span_corruption): inputs 512 and targets 114
 tokens (568 raw tokens, 15 % noise, mean span 3), batch 256, Adafactor (decay rate 0.8,

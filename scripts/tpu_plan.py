@@ -38,6 +38,11 @@ PROGRAMS = ('train', 'diagnostics', 'eval')  # Column "programs": their initials
 # XLA's TPU compiler needs about 13 GB of host memory for these models' steps (ViT-B: 1-5 GB):
 # on a 24 GB machine two of them at once are killed, so at most one runs at a time.
 BIG = ('swinv2', 't5')
+BIG_RECIPES = ('sdgf', 'mdgf_sdgf')  # Their stage switch: ViT-B's compile was killed beside a T5 one.
+
+
+def is_big(cell: 'Cell') -> bool:
+  return cell.model in BIG or cell.recipe in BIG_RECIPES
 DOC = os.path.join('results', 'tpu_plan.md')
 BEGIN, END = '<!-- tables: python -m scripts.tpu_plan --mode table -->', '<!-- end of tables -->'
 RECIPES = ('ste', 'srste', 'mdgf', 'sdgf', 'mdgf_sdgf', 'step')
@@ -117,10 +122,20 @@ def run_cell(cell: Cell, python: str) -> tuple[Cell, int, float]:
 
 
 def priority(cell: Cell) -> tuple:
-  """Run order: the v4 grid, the second TPU generation, then GPU (dense and MDGF 1:16 first)."""
+  """Run order, so that a grid stopped early holds the most: on v4, dense and MDGF 1:16, then
+  the other recipes on the first preset, then MDGF 2:4; the second TPU generation; the second
+  preset on v4; then GPU (dense and MDGF 1:16 first). In each stage, recipe by recipe with every
+  model in turn."""
   first = MODELS[cell.model][1][0]
   main_pair = cell.recipe in ('dense', 'mdgf') and cell.nm == '1:16' and cell.layers == first
-  return ({PRIMARY: 0, SECONDARY: 1}.get(cell.topology, 2), not main_pair, list(MODELS).index(cell.model))
+  if cell.topology == PRIMARY:
+    stage = 0 if main_pair else 4 if cell.layers != first else 2 if cell.nm != '1:16' else 1
+  elif cell.topology == SECONDARY:
+    stage = 3
+  else:
+    stage = 5 if main_pair else 6
+  recipe = RECIPES.index(cell.recipe) if cell.recipe in RECIPES else -1
+  return stage, recipe, list(MODELS).index(cell.model)
 
 
 def run(jobs: int, python: str, gpu: bool = True) -> int:
@@ -128,15 +143,15 @@ def run(jobs: int, python: str, gpu: bool = True) -> int:
   for c in pending:
     os.makedirs(os.path.dirname(c.json_path), exist_ok=True)
   print(f'{len(pending)} of {len(cells(gpu))} cells to compile, {jobs} at a time '
-        f'({", ".join(BIG)}: one at a time)', flush=True)
+        f'({", ".join(BIG + BIG_RECIPES)}: one at a time)', flush=True)
   failed, t0, done = 0, time.time(), 0
   lock, big_running = threading.Lock(), [False]
 
   def take():  # The first pending cell allowed now: never two big compiles at once.
     with lock:
       for i, c in enumerate(pending):
-        if c.model not in BIG or not big_running[0]:
-          big_running[0] |= c.model in BIG
+        if not is_big(c) or not big_running[0]:
+          big_running[0] |= is_big(c)
           return pending.pop(i)
       return None
 
@@ -155,7 +170,7 @@ def run(jobs: int, python: str, gpu: bool = True) -> int:
         results.put((cell, -1, 0.0))  # Counted as failed; the error itself is raised below.
         raise
       finally:
-        if cell.model in BIG:
+        if is_big(cell):
           with lock:
             big_running[0] = False
 
