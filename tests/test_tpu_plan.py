@@ -70,10 +70,20 @@ def test_write_replaces_only_the_marked_tables(tmp_path, monkeypatch):
     tpu_plan.main(['--mode', 'table', '--write'])
 
 
-def test_run_order_v4_then_v5e_then_gpu_main_pair_first():
+def test_run_order_puts_what_matters_most_first():
   order = sorted(tpu_plan.cells(gpu=True), key=tpu_plan.priority)
-  tops = [c.topology for c in order]
-  assert tops == sorted(tops, key=['v4:2x2x4', 'v5e:4x8', 'h100:8'].index)
+  first = {'vit': 'mlp', 'swinv2': 'mlp', 't5': 'all'}
+  main = lambda c: c.recipe in ('dense', 'mdgf') and c.nm == '1:16' and c.layers == first[c.model]
+  # v4: dense and MDGF 1:16 of every model before anything else.
+  assert all(main(c) and c.topology == 'v4:2x2x4' for c in order[:6])
+  pos = {c: i for i, c in enumerate(order)}
+  v4_first = [pos[c] for c in order if c.topology == 'v4:2x2x4' and c.layers == first[c.model]]
+  v5e = [pos[c] for c in order if c.topology == 'v5e:4x8']
+  v4_second = [pos[c] for c in order if c.topology == 'v4:2x2x4' and c.layers != first[c.model]]
   gpu = [c for c in order if c.topology == 'h100:8']
-  assert {(c.model, c.recipe) for c in gpu[:6]} == {(m, r) for m in ('vit', 'swinv2', 't5') for r in ('dense', 'mdgf')}
+  assert max(v4_first) < min(v5e) and max(v5e) < min(v4_second) and max(v4_second) < pos[gpu[0]]
+  assert {(c.model, c.recipe) for c in gpu[:6]} == {(m, r) for m in first for r in ('dense', 'mdgf')}
   assert all(c.nm == '1:16' for c in gpu[:6])
+  # Within a stage, recipe by recipe with every model in turn (a stopped grid has each model).
+  ste = [c.model for c in order if c.recipe == 'ste' and c.topology == 'v4:2x2x4' and c.layers == first[c.model]]
+  assert ste == ['vit', 'swinv2', 't5'] and order[6].recipe == 'ste'
