@@ -16,7 +16,8 @@ update clipping 1.0, parameter-scale updates), learning rate 0.01 * rsqrt decay 
 warm-up steps, dropout 0, z-loss 1e-4, bfloat16 activations, the 32k T5 vocabulary + 100
 sentinels (model vocab 32128). Differences: T5X packs several documents per row; here each
 row is one random 568-token window of a document (the model has no segment ids). STEP
-(Adam-aware) switches the optimizer to AdamW. Needs ``c4/en:3.1.0`` prepared by tfds in
+(Adam-aware) switches the optimizer to AdamW. ``depth=2`` keeps the widths with 2 encoder and
+2 decoder layers: a probe that compiles in 2 minutes (``results/tpu_plan.md``, Findings). Needs ``c4/en:3.1.0`` prepared by tfds in
 array_record format under ``data_dir`` and the SentencePiece model at ``data.vocab``.
 """
 
@@ -28,11 +29,13 @@ from experiments.data import defaults
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, variant='base', recipe='mdgf', nm='1:16', layers='all', decay='exponential',
-                       structure='stepwise', steps=100_000, batch=256, seed=0, runlocal=False)
+                       structure='stepwise', steps=100_000, batch=256, seed=0, depth=0, runlocal=False)
   c = ml_collections.ConfigDict()
   c.task = 'span_corruption'
   c.model = ml_collections.ConfigDict(dict(name='t5', variant=a.variant, vocab_size=32128,
                                            dropout_rate=0.0, kwargs=dict(dtype='bfloat16')))
+  if a.depth:  # A probe: the variant's widths with `depth` encoder and decoder layers.
+    c.model.kwargs.update(num_encoder_layers=a.depth, num_decoder_layers=a.depth)
   c.data = defaults.text(name='c4/en:3.1.0', objective='span_corruption', inputs_length=512,
                                    targets_length=114, num_threads=32, prefetch_batches=8)
   c.train_split, c.eval_split = 'train', 'validation'

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gzip
 import json
 import logging
 import math
@@ -283,12 +284,20 @@ def _dense_model_flops(config: ml_collections.ConfigDict, spe: int) -> float:
 PROGRAMS = ('train', 'diagnostics', 'eval')
 
 
+def _write_hlo(compiled, path: str) -> None:
+  """The optimised HLO the compiler will run, for ``scripts/hlo_bytes.py`` to attribute bytes."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with gzip.open(path, 'wt') as f:
+    f.write(compiled.as_text())
+
+
 def plan(config: ml_collections.ConfigDict, topology: str, *,
-         programs: tuple[str, ...] = PROGRAMS) -> dict:
+         programs: tuple[str, ...] = PROGRAMS, hlo_dir: str | None = None) -> dict:
   """Compiles the config's steps for ``topology``; returns the figures (see the module docstring).
 
   ``programs``: which of the train step, the diagnostics step (compiled only if the
   config logs diagnostics) and the eval step to compile; the train step always is.
+  ``hlo_dir``: where to write each program's optimised HLO (``<program>_<topology>.hlo.txt.gz``).
   Raises :class:`DoesNotFit` (naming the levers) when a program needs more HBM per
   device than the chip has, or leaves less than ``HEADROOM`` of it free.
   """
@@ -331,6 +340,8 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
     fig = compiled_figures(compiled)
     fig.update(roofline(fig, chip, per_chip), compile_s=seconds, batch=batch)
     out['programs'][name] = fig
+    if hlo_dir:
+      _write_hlo(compiled, os.path.join(hlo_dir, f'{name}_{topology.replace(":", "_")}.hlo.txt.gz'))
     logging.info('compiled %s step for %s in %.1f s: %.2f GB per device, %.3g FLOPs', name, topology,
                  seconds, fig['total_bytes'] / 1e9, fig['flops'])
   hbm = chip.hbm_bytes / per_chip
@@ -421,10 +432,12 @@ def describe(out: dict) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str, topologies: list[str],
         programs: tuple[str, ...] = PROGRAMS) -> dict[str, float]:
-  """Plans every topology; writes ``compile_<topology>.json`` into ``workdir``; returns a summary."""
+  """Plans every topology; writes ``compile_<topology>.json`` and each program's optimised HLO
+  (``<program>_<topology>.hlo.txt.gz``, for ``scripts/hlo_bytes.py``) into ``workdir``;
+  returns a summary."""
   summary = {}
   for topology in topologies:
-    out = plan(config, topology, programs=tuple(programs))
+    out = plan(config, topology, programs=tuple(programs), hlo_dir=workdir)
     print(describe(out), flush=True)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, f'compile_{topology.replace(":", "_")}.json'), 'w') as f:

@@ -41,6 +41,13 @@ BIG = ('swinv2', 't5')
 BIG_RECIPES = ('sdgf', 'mdgf_sdgf')  # Their stage switch: ViT-B's compile was killed beside a T5 one.
 
 
+# The levers a cell needs to fit with 10 % headroom. SwinV2-B on a v5e-32 (16 GB per device)
+# needs 14.60 GB data parallel, 8.8 % free: sharding its params and AdamW moments 8 ways (4 x 8
+# mesh) frees most of the 1.4 GB of replicated state, at the cost of all-gathering each
+# kernel in every step (a v5e-32's ICI carries that; the roofline here does not count it).
+FSDP = {('swinv2', SECONDARY): 8}
+
+
 def is_big(cell: 'Cell') -> bool:
   return cell.model in BIG or cell.recipe in BIG_RECIPES
 DOC = os.path.join('results', 'tpu_plan.md')
@@ -61,10 +68,12 @@ class Cell:
   layers: str
   topology: str
   programs: tuple[str, ...]
+  fsdp: int = 1  # > 1: params and optimizer state sharded over this many devices (the rest data parallel).
 
   @property
   def name(self) -> str:
-    return f'{self.recipe}_{self.nm.replace(":", "x")}_{self.layers}_{self.topology.replace(":", "_")}'
+    return (f'{self.recipe}_{self.nm.replace(":", "x")}_{self.layers}_{self.topology.replace(":", "_")}' +
+            (f'_fsdp{self.fsdp}' if self.fsdp > 1 else ''))
 
   @property
   def json_path(self) -> str:
@@ -75,6 +84,7 @@ class Cell:
     return [python, '-m', 'experiments.main', '--mode=compile',
             f'--config={config}:recipe={self.recipe},nm={self.nm},layers={self.layers}',
             f'--topology={self.topology}', f'--compile_programs={",".join(self.programs)}',
+            *([f'--config.mesh.fsdp={self.fsdp}', '--config.mesh.data=-1'] if self.fsdp > 1 else []),
             f'--workdir={os.path.join(OUT, self.model, self.name)}']
 
 
@@ -91,8 +101,9 @@ def cells(gpu: bool = True) -> list[Cell]:
         programs = full if (recipe, layers) == ('mdgf', first) else ('train',)
         out.append(Cell(model, recipe, '1:16', layers, PRIMARY, programs))
     out.append(Cell(model, 'mdgf', '2:4', first, PRIMARY, ('train',)))
-    out.append(Cell(model, 'dense', '1:16', first, SECONDARY, full))
-    out.append(Cell(model, 'mdgf', '1:16', first, SECONDARY, full))
+    fsdp = FSDP.get((model, SECONDARY), 1)
+    out.append(Cell(model, 'dense', '1:16', first, SECONDARY, full, fsdp))
+    out.append(Cell(model, 'mdgf', '1:16', first, SECONDARY, full, fsdp))
   if gpu:  # The same grid on one node of 8 H100s (needs bash scripts/setup.sh --gpu).
     out += [dataclasses.replace(c, topology=GPU) for c in out if c.topology == PRIMARY]
   return out
@@ -117,7 +128,7 @@ def run_cell(cell: Cell, python: str) -> tuple[Cell, int, float]:
       json.dump(out, f, indent=2, sort_keys=True)
     if os.path.exists(log):
       os.remove(log)
-    shutil.rmtree(workdir)  # It held only that JSON.
+    shutil.rmtree(workdir)  # It held that JSON and the programs' HLO (hlo.txt.gz).
   return cell, code, time.time() - t0
 
 
@@ -220,9 +231,9 @@ def table(results: dict[Cell, dict]) -> str:
                 f'`{config}`, {r0["total_steps"]:,} steps. HBM per device: the largest compiled program '
                 f'(of {_gb(r0["hbm_per_device_bytes"])} GB); step time: roofline of the train step; ratios to dense '
                 'of the train step\'s FLOPs, bytes accessed and roofline time.', '',
-                '| recipe | N:M | layers | HBM / device (GB) | headroom | programs | step (ms) | bound | MFU | '
+                '| recipe | N:M | layers | mesh | HBM / device (GB) | headroom | programs | step (ms) | bound | MFU | '
                 'examples/s | run (h) | chip-hours | FLOPs x | bytes x | time x |',
-                '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+                '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
       order = {'dense': 0, **{r: i + 1 for i, r in enumerate(RECIPES)}}
       for c, r in sorted(rows, key=lambda cr: (order[cr[0].recipe], cr[0].nm != '1:16', cr[0].layers)):
         train = r['programs']['train']
@@ -230,7 +241,7 @@ def table(results: dict[Cell, dict]) -> str:
         ratio = lambda key: (train[key] / dense['programs']['train'][key]) if dense else float('nan')
         lines.append(
             f'| {c.recipe} | {c.nm if c.recipe != "dense" else "-"} | {c.layers if c.recipe != "dense" else "-"} | '
-            f'{_gb(need)} | {r["headroom"]:.0%} | {"+".join(p[0] for p in PROGRAMS if p in r["programs"])} | '
+            f'{r["mesh"]["data"]} x {r["mesh"]["fsdp"]} | {_gb(need)} | {r["headroom"]:.0%} | {"+".join(p[0] for p in PROGRAMS if p in r["programs"])} | '
             f'{train["step_s"] * 1e3:.1f} | {train["bound"]} | {r["mfu"]:.1%} | {r["examples_per_s"]:,.0f} | '
             f'{r["run_wall_s"] / 3600:.1f} | {r["run_chip_hours"]:,.0f} | {ratio("flops"):.4f} | '
             f'{ratio("bytes_accessed"):.4f} | {ratio("step_s"):.4f} |')

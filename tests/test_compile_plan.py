@@ -70,14 +70,15 @@ def test_roofline_by_hand():
 
 
 @pytest.fixture(scope='module')
-def tiny_plan(devices):
+def tiny_plan(devices, tmp_path_factory):
   del devices
   config = load_config('vit_fashion_mnist.py', 'runlocal')
-  return config, compile_plan.plan(config, TOPOLOGY, programs=('train', 'eval'))
+  hlo_dir = str(tmp_path_factory.mktemp('hlo'))
+  return config, compile_plan.plan(config, TOPOLOGY, programs=('train', 'eval'), hlo_dir=hlo_dir), hlo_dir
 
 
 def test_tiny_config_plan_against_hand_counts(tiny_plan):
-  config, out = tiny_plan
+  config, out, _ = tiny_plan
   train = out['programs']['train']
   # Replicated (fsdp=1): every device holds the whole train state; the batch is split 4 ways.
   from experiments import train as train_lib  # pylint: disable=g-import-not-at-top
@@ -106,7 +107,7 @@ def test_tiny_config_plan_against_hand_counts(tiny_plan):
 def test_model_flops_against_a_hand_count_of_the_matmuls(tiny_plan):
   """The dense model's FLOPs per device: at least the matmuls' 3 x 2 x MACs (forward, input and
   weight gradients) of ViT mu/14 at batch 8 per device, and not far above (elementwise work)."""
-  _, out = tiny_plan
+  _, out, _ = tiny_plan
   tokens = (28 // 14) ** 2  # 4 patches, GAP pooling (no class token)
   block = tokens * (3 * 64 * 64 + 64 * 64 + 2 * 64 * 256) + 2 * tokens * tokens * 64
   macs = tokens * 14 * 14 * 1 * 64 + 4 * block + 64 * 10  # patch embedding, 4 blocks, head
@@ -151,3 +152,17 @@ def test_gpu_node_matmul_figures_are_the_hand_count():
   assert fig['flops'] == 2 * 1024 * 4096 * 4096
   assert fig['argument_bytes'] == 2 * (1024 * 4096 + 4096 * 4096)
   assert fig['output_bytes'] == 2 * 1024 * 4096
+
+
+def test_the_optimised_hlo_is_written_and_attributed(tiny_plan):
+  """Each compiled program's HLO lands in the workdir; scripts/hlo_bytes reads it and names
+  the ViT's matmuls, and its HBM count is of the order of XLA's (which pads to tiles)."""
+  from scripts import hlo_bytes  # pylint: disable=g-import-not-at-top
+  _, out, hlo_dir = tiny_plan
+  for program in ('train', 'eval'):
+    path = os.path.join(hlo_dir, f'{program}_{TOPOLOGY.replace(":", "_")}.hlo.txt.gz')
+    t = hlo_bytes.traffic(hlo_bytes._read(path))  # pylint: disable=protected-access
+    total = sum(t['op'].values())
+    xla = out['programs'][program]['bytes_accessed']
+    assert 0.1 * xla <= total <= xla, (program, total, xla)
+    assert any('encoderblock_*' in k and k.endswith('dot_general') for k in t['op']), list(t['op'])[:20]

@@ -209,3 +209,14 @@ def test_t5_c4_config_mirrors_t5x_pretraining():
   assert (c.optimizer.name, c.optimizer.schedule, c.optimizer.lr, c.optimizer.warmup_steps) == (
       'adafactor', 'rsqrt', 1e-2, 10_000)
   assert c.sparsity.layers == 'all' and load('t5_c4.py', 'recipe=step').optimizer.name == 'adamw'
+
+
+def test_t5_c4_depth_probe_keeps_the_widths():
+  """``depth=2``: T5.1.1-Base's widths with 2 encoder and 2 decoder layers (a compile probe)."""
+  from experiments.models import t5 as t5_lib  # pylint: disable=g-import-not-at-top
+  c = load('t5_c4.py', 'depth=2')
+  model = t5_lib.make_t5(c.model.variant, c.model.vocab_size, **c.model.kwargs)
+  base = t5_lib.t5_config('base')
+  assert (model.num_encoder_layers, model.num_decoder_layers) == (2, 2)
+  assert (model.d_model, model.d_ff, model.num_heads) == (base['d_model'], base['d_ff'], base['num_heads'])
+  assert 'num_encoder_layers' not in load('t5_c4.py', '').model.kwargs

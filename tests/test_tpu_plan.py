@@ -30,11 +30,18 @@ def test_grid_covers_every_setting_recipe_and_generation():
   cmd = tpu_plan.Cell('vit', 'sdgf', '1:16', 'mlp_qkv', 'v4:2x2x4', ('train',)).command()
   assert '--config=configs/vit_imagenet.py:recipe=sdgf,nm=1:16,layers=mlp_qkv' in cmd
   assert '--topology=v4:2x2x4' in cmd and '--mode=compile' in cmd
+  assert not any('mesh' in a for a in cmd)
+  # SwinV2-B on v5e shards its state 8 ways (8.8 % headroom data parallel): in the command and the name.
+  swin = [c for c in cells if c.model == 'swinv2' and c.topology == 'v5e:4x8']
+  assert len(swin) == 2 and all(c.fsdp == 8 and c.name.endswith('_fsdp8') for c in swin)
+  assert {'--config.mesh.fsdp=8', '--config.mesh.data=-1'} <= set(swin[0].command())
+  assert all(c.fsdp == 1 for c in cells if c not in swin)
 
 
 def _result(flops, nbytes, step_s, total_bytes, programs=('train',)):
   prog = dict(flops=flops, bytes_accessed=nbytes, step_s=step_s, bound='memory', total_bytes=total_bytes)
-  return dict(chips=16, chip=dict(name='v4'), devices=32, per_device_batch=128.0, total_steps=1000,
+  return dict(chips=16, chip=dict(name='v4'), devices=32, mesh=dict(data=32, fsdp=1), per_device_batch=128.0,
+              total_steps=1000,
               hbm_per_device_bytes=16e9, headroom=0.25, mfu=0.5, examples_per_s=1000.0,
               run_wall_s=7200.0, run_chip_hours=32.0, programs={p: prog for p in programs})
 
@@ -51,8 +58,8 @@ def test_table_ratios_to_dense_and_program_order():
   cols = [c.strip() for c in rows[1].strip('|').split('|')]
   # FLOPs 101 / 100, bytes 210 / 200, time 10.5 / 10 ms: by hand.
   assert cols[-3:] == ['1.0100', '1.0500', '1.0500']
-  assert cols[3] == '11.00' and cols[6] == '10.5'  # HBM GB, step ms.
-  assert [c.strip() for c in rows[0].strip('|').split('|')][5] == 't+d+e'
+  assert cols[3] == '32 x 1' and cols[4] == '11.00' and cols[7] == '10.5'  # mesh, HBM GB, step ms.
+  assert [c.strip() for c in rows[0].strip('|').split('|')][6] == 't+d+e'
 
 
 def test_write_replaces_only_the_marked_tables(tmp_path, monkeypatch):
