@@ -232,19 +232,22 @@ def table(results: dict[Cell, dict]) -> str:
                 f'(of {_gb(r0["hbm_per_device_bytes"])} GB); step time: roofline of the train step; ratios to dense '
                 'of the train step\'s FLOPs, bytes accessed and roofline time.', '',
                 '| recipe | N:M | layers | mesh | HBM / device (GB) | headroom | programs | step (ms) | bound | MFU | '
-                'examples/s | run (h) | chip-hours | FLOPs x | bytes x | time x |',
-                '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+                'examples/s | run (h) | chip-hours | FLOPs x | bytes x | time x | HBM bytes x |',
+                '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |']
       order = {'dense': 0, **{r: i + 1 for i, r in enumerate(RECIPES)}}
       for c, r in sorted(rows, key=lambda cr: (order[cr[0].recipe], cr[0].nm != '1:16', cr[0].layers)):
         train = r['programs']['train']
         need = max(p['total_bytes'] for p in r['programs'].values())
         ratio = lambda key: (train[key] / dense['programs']['train'][key]) if dense else float('nan')
+        d_train = dense['programs']['train'] if dense else {}
+        hbm_ratio = lambda t: (f'{t["hlo_hbm_bytes"] / d_train["hlo_hbm_bytes"]:.4f}'  # noqa: E731
+                               if 'hlo_hbm_bytes' in t and 'hlo_hbm_bytes' in d_train else '-')
         lines.append(
             f'| {c.recipe} | {c.nm if c.recipe != "dense" else "-"} | {c.layers if c.recipe != "dense" else "-"} | '
             f'{r["mesh"]["data"]} x {r["mesh"]["fsdp"]} | {_gb(need)} | {r["headroom"]:.0%} | {"+".join(p[0] for p in PROGRAMS if p in r["programs"])} | '
             f'{train["step_s"] * 1e3:.1f} | {train["bound"]} | {r["mfu"]:.1%} | {r["examples_per_s"]:,.0f} | '
             f'{r["run_wall_s"] / 3600:.1f} | {r["run_chip_hours"]:,.0f} | {ratio("flops"):.4f} | '
-            f'{ratio("bytes_accessed"):.4f} | {ratio("step_s"):.4f} |')
+            f'{ratio("bytes_accessed"):.4f} | {ratio("step_s"):.4f} | {hbm_ratio(train)} |')
       lines.append('')
   return '\n'.join(lines)
 

@@ -158,7 +158,7 @@ def test_the_optimised_hlo_is_written_and_attributed(tiny_plan):
   """Each compiled program's HLO lands in the workdir; scripts/hlo_bytes reads it and names
   the ViT's matmuls, and its count over every memory space is of the order of XLA's (which
   pads this tiny model's 64-wide arrays to 128-lane tiles)."""
-  from scripts import hlo_bytes  # pylint: disable=g-import-not-at-top
+  from experiments import hlo_bytes  # pylint: disable=g-import-not-at-top
   _, out, hlo_dir = tiny_plan
   for program in ('train', 'eval'):
     path = os.path.join(hlo_dir, f'{program}_{TOPOLOGY.replace(":", "_")}.hlo.txt.gz')
@@ -166,4 +166,7 @@ def test_the_optimised_hlo_is_written_and_attributed(tiny_plan):
     total = sum(t['op'].values())
     xla = out['programs'][program]['bytes_accessed']
     assert 0.2 * xla <= total <= xla, (program, total, xla)
+    # The plan's HBM-only figure is the same count over HBM (no conditional in this step).
+    hbm = hlo_bytes.traffic(hlo_bytes._read(path))['space']['HBM']  # pylint: disable=protected-access
+    assert out['programs'][program]['hlo_hbm_bytes'] == hbm and 0 < hbm < total
     assert any('encoderblock_*' in k and k.endswith('dot_general') for k in t['op']), list(t['op'])[:20]

@@ -1,10 +1,10 @@
-"""scripts/hlo_bytes.py on a hand-written HLO module whose traffic is counted by hand."""
+"""experiments/hlo_bytes.py on a hand-written HLO module whose traffic is counted by hand."""
 
 import gzip
 
 import pytest
 
-from scripts import hlo_bytes
+from experiments import hlo_bytes
 
 # f32[4,8] is 128 bytes, bf16[4,8] 64. The fused computation's add reads and writes nothing
 # of its own (it runs inside the fusion); the copy pair moves `a` into memory space 1.
@@ -54,6 +54,9 @@ def test_traffic_by_hand():
                      'Model/block_*/add': 256, 'Model/reduce_sum': 136}
   assert t['opcode'] == {'convert': 192, 'copy-start': 128, 'copy-done': 0, 'fusion': 256, 'reduce': 136}
   assert t['space'] == {'HBM': 192 + 128 + 256 + 136, 'S(1)': 128 + 128}
+  assert t['kind'] == {'compute': 192 + 256 + 136, 'staging': 128}
+  assert [hlo_bytes.kind(o) for o in ('all-reduce-start', 'all-gather', 'slice-start', 'copy', 'fusion')] == [
+      'collective', 'collective', 'staging', 'compute', 'compute']
   every = hlo_bytes.traffic(MODULE, spaces=None)
   assert every['op']['Model/block_*/add'] == 256 + 128 and every['opcode']['copy-done'] == 128
 

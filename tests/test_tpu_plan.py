@@ -57,9 +57,13 @@ def test_table_ratios_to_dense_and_program_order():
   assert rows[0].startswith('| dense')  # Dense first whatever the dict order.
   cols = [c.strip() for c in rows[1].strip('|').split('|')]
   # FLOPs 101 / 100, bytes 210 / 200, time 10.5 / 10 ms: by hand.
-  assert cols[-3:] == ['1.0100', '1.0500', '1.0500']
+  assert cols[-4:] == ['1.0100', '1.0500', '1.0500', '-']  # No HLO count in these results.
   assert cols[3] == '32 x 1' and cols[4] == '11.00' and cols[7] == '10.5'  # mesh, HBM GB, step ms.
   assert [c.strip() for c in rows[0].strip('|').split('|')][6] == 't+d+e'
+  d['programs']['train'] = dict(d['programs']['train'], hlo_hbm_bytes=80.0)
+  s['programs']['train'] = dict(s['programs']['train'], hlo_hbm_bytes=81.0)
+  rows = [l for l in tpu_plan.table({ste: s, dense: d}).splitlines() if l.startswith('| ste')]
+  assert rows[0].strip('|').split('|')[-1].strip() == '1.0125'  # 81 / 80
 
 
 def test_write_replaces_only_the_marked_tables(tmp_path, monkeypatch):

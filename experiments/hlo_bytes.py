@@ -1,7 +1,7 @@
 r"""Which source op moves the bytes: HBM traffic of a compiled program, attributed by op name.
 
-    python -m scripts.hlo_bytes WORKDIR/train_v4_2x2x4.hlo.txt.gz              # one program
-    python -m scripts.hlo_bytes DENSE.hlo.txt.gz SPARSE.hlo.txt.gz --top 25    # what B adds to A
+    python -m experiments.hlo_bytes WORKDIR/train_v4_2x2x4.hlo.txt.gz              # one program
+    python -m experiments.hlo_bytes DENSE.hlo.txt.gz SPARSE.hlo.txt.gz --top 25    # what B adds to A
 
 ``--mode=compile`` writes each program's optimised HLO next to its JSON. Every
 instruction the device runs (a fusion, a matmul, a copy, a collective; not the ops
@@ -22,6 +22,7 @@ import argparse
 import collections
 import dataclasses
 import gzip
+import os
 import re
 import sys
 from typing import Collection
@@ -82,6 +83,20 @@ def _closing(s: str, start: int) -> int:
   raise ValueError(f'unbalanced parentheses in {s[:120]!r}')
 
 
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
+
+
+def kind(opcode: str) -> str:
+  """``collective``; ``staging`` (the asynchronous copies and slices with which the compiler
+  moves operands between memories ahead of use); or ``compute`` (fusions, matmuls, the rest)."""
+  base = opcode.removesuffix('-start').removesuffix('-done')
+  if base in COLLECTIVES:
+    return 'collective'
+  if base in ('copy', 'slice', 'dynamic-slice') and base != opcode:
+    return 'staging'
+  return 'compute'
+
+
 def parse(text: str) -> tuple[list[Instr], set[str], dict[str, str]]:
   """Every instruction of an HLO module; the computations that run inside another op
   (fusion bodies, reducers), whose instructions touch no HBM of their own; and the branches
@@ -137,12 +152,13 @@ def normalise(op_name: str, depth: int | None = None) -> str:
 
 def traffic(text: str, depth: int | None = None, spaces: Collection[int] | None = (0,)
             ) -> dict[str, collections.Counter]:
-  """Bytes moved by normalised op name, by opcode and by memory space, of one HLO module;
-  the first two count only ``spaces`` (default: HBM, space 0; None: every space)."""
+  """Bytes moved by normalised op name, opcode, :func:`kind` and conditional branch (counting
+  only ``spaces``; default: HBM, space 0; None: every space), and by memory space."""
   instrs, inner, branches = parse(text)
   by_name = {i.name: i for i in instrs}
   by_op, by_opcode, by_space = collections.Counter(), collections.Counter(), collections.Counter()
   by_branch = collections.Counter()  # '#k': branch k of every conditional; 'outside' them.
+  by_kind = collections.Counter()
   for i in instrs:
     if i.computation in inner or i.opcode in FREE:
       continue
@@ -165,8 +181,9 @@ def traffic(text: str, depth: int | None = None, spaces: Collection[int] | None 
     branch = f'<{branches[i.computation]}> ' if i.computation in branches else ''
     by_op[branch + normalise(name, depth)] += counted
     by_opcode[i.opcode] += counted
+    by_kind[kind(i.opcode)] += counted
     by_branch['#' + branches[i.computation].rpartition('#')[2] if branch else 'outside'] += counted
-  return dict(space=by_space, opcode=by_opcode, op=by_op, branch=by_branch)
+  return dict(space=by_space, kind=by_kind, opcode=by_opcode, op=by_op, branch=by_branch)
 
 
 def step_bytes(t: dict[str, collections.Counter]) -> dict[str, float]:
@@ -195,7 +212,7 @@ def report(paths: list[str], top: int, depth: int | None, spaces: Collection[int
   if len(t) == 1:
     total = sum(t[0]['op'].values())
     lines.append(f'{paths[0]}: {totals(t[0])} moved per step in the spaces counted')
-    for table in ('space', 'opcode', 'branch', 'op'):
+    for table in ('space', 'kind', 'opcode', 'branch', 'op'):
       if table == 'branch' and set(t[0][table]) == {'outside'}:
         continue
       lines.append(f'\n  GB        share  {table}')
@@ -208,7 +225,7 @@ def report(paths: list[str], top: int, depth: int | None, spaces: Collection[int
   lines.append(f'A {paths[0]}: {totals(a)}\nB {paths[1]}: {totals(b)}')
   for k, tb in sb.items():
     lines.append(f'B/A {tb / ta:.3f}, B-A {(tb - ta) / 1e9:+.3f} GB' + (f' with branch {k}' if k else ''))
-  for table in ('space', 'opcode', 'branch', 'op'):
+  for table in ('space', 'kind', 'opcode', 'branch', 'op'):
     keys = set(a[table]) | set(b[table])
     if table == 'branch' and keys == {'outside'}:
       continue
@@ -231,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
   args = p.parse_args(argv)
   if len(args.hlo) > 2:
     p.error(f'give one HLO file, or two to compare; got {len(args.hlo)}.')
+  missing = [h for h in args.hlo if not os.path.isfile(h)]
+  if missing:
+    p.error(f'no such file: {", ".join(missing)} (python -m experiments.main --mode=compile writes '
+            '<program>_<topology>.hlo.txt.gz into its --workdir).')
   spaces = None if args.spaces == 'all' else {int(x) for x in args.spaces.split(',')}
   print(report(args.hlo, args.top, args.depth, spaces))
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Where the recipes' TPU bytes go: compile a few cells with their HLO and attribute the bytes by
+# op name (experiments/hlo_bytes.py). Writes results/tpu_plan/probes/*.txt; results/tpu_plan.md
+# (Findings) quotes them. About 25 minutes on one core; compiles already in WORKDIRS are reused.
+#
+#   bash scripts/tpu_probes.sh [WORKDIRS]     # default workdirs/tpu_probes
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+W=${1:-workdirs/tpu_probes}
+OUT=results/tpu_plan/probes
+mkdir -p "$W" "$OUT"
+
+compile() {  # name config-with-args topology
+  local dir="$W/$1"
+  if [[ ! -f "$dir/train_${3/:/_}.hlo.txt.gz" ]]; then
+    "$PY" -m experiments.main --mode=compile --config="$2" --topology="$3" --compile_programs=train \
+      --workdir="$dir" > "$dir.log" 2>&1 || { echo "FAILED: $1, see $dir.log" >&2; exit 1; }
+  fi
+}
+
+report() {  # out-name a b [hlo_bytes flags]
+  local out=$1 a=$2 b=$3; shift 3
+  { echo "\$ python -m experiments.hlo_bytes $a $b $*"; "$PY" -m experiments.hlo_bytes "$a" "$b" "$@"; } > "$OUT/$out.txt"
+  echo "$OUT/$out.txt: $(sed -n 4p "$OUT/$out.txt")"
+}
+
+# T5.1.1-Base widths with 2 encoder and 2 decoder layers, the paper's batch: the same per-device
+# program as the 12 + 12 layer model, 2 minutes to compile instead of 4-9 and 4 GB instead of 13.
+for topo in v4:2x2x4 v5e:4x8; do
+  for r in dense ste mdgf; do
+    compile "t5_depth2_${r}_${topo/:/_}" "configs/t5_c4.py:recipe=$r,nm=1:16,layers=all,depth=2" "$topo"
+  done
+  for r in ste mdgf; do
+    report "t5_depth2_${r}_vs_dense_${topo/:/_}" "$W/t5_depth2_dense_${topo/:/_}/train_${topo/:/_}.hlo.txt.gz" \
+      "$W/t5_depth2_${r}_${topo/:/_}/train_${topo/:/_}.hlo.txt.gz" --top 15
+  done
+done
+report t5_depth2_ste_vs_mdgf_v4_2x2x4 "$W/t5_depth2_mdgf_v4_2x2x4/train_v4_2x2x4.hlo.txt.gz" \
+  "$W/t5_depth2_ste_v4_2x2x4/train_v4_2x2x4.hlo.txt.gz" --top 15
+
+# ViT-B/16 at batch 4096 on v4-32: STEP and MDGF on MLP + Q, K, V, SDGF on the MLPs.
+compile vit_dense configs/vit_imagenet.py:recipe=dense v4:2x2x4
+for r in step,layers=mlp_qkv mdgf,layers=mlp_qkv sdgf,layers=mlp; do
+  name=vit_${r/,layers=/_}
+  compile "$name" "configs/vit_imagenet.py:recipe=$r,nm=1:16" v4:2x2x4
+  report "${name}_vs_dense_v4_2x2x4" "$W/vit_dense/train_v4_2x2x4.hlo.txt.gz" "$W/$name/train_v4_2x2x4.hlo.txt.gz" --top 15
+done
