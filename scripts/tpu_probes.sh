@@ -46,3 +46,8 @@ for r in step,layers=mlp_qkv mdgf,layers=mlp_qkv sdgf,layers=mlp; do
   compile "$name" "configs/vit_imagenet.py:recipe=$r,nm=1:16" v4:2x2x4
   report "${name}_vs_dense_v4_2x2x4" "$W/vit_dense/train_v4_2x2x4.hlo.txt.gz" "$W/$name/train_v4_2x2x4.hlo.txt.gz" --top 15
 done
+
+# ViT-B/16 MDGF at 2:4 on the MLPs: the 2:4 mask's TPU layout cost.
+compile vit_mdgf_2x4_mlp configs/vit_imagenet.py:recipe=mdgf,nm=2:4,layers=mlp v4:2x2x4
+report vit_mdgf_2x4_mlp_vs_dense_v4_2x2x4 "$W/vit_dense/train_v4_2x2x4.hlo.txt.gz" \
+  "$W/vit_mdgf_2x4_mlp/train_v4_2x2x4.hlo.txt.gz" --top 15
