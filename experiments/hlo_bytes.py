@@ -141,6 +141,10 @@ def normalise(op_name: str, depth: int | None = None) -> str:
   ``jvp(ViT)/Transformer/encoderblock_*/MlpBlock_0/Dense_0/dot_general``."""
   prefix, _, rest = op_name.rpartition('] ')
   prefix = prefix + '] ' if prefix else ''
+  rest = re.sub(r'^jit\([^)]*\)/', '', rest)
+  if rest.startswith('(') and rest.endswith(')') and ':' in rest:  # A merged op's names (GPU).
+    names = rest[1:-1].split(':')
+    return prefix + normalise(names[0], depth) + f' (+{len(names) - 1} merged)'
   parts = rest.split('/')
   if parts and parts[0].startswith('jit('):
     parts = parts[1:]

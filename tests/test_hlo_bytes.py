@@ -80,6 +80,8 @@ def test_normalise_folds_layers_and_keeps_depth():
   assert hlo_bytes.normalise(name) == 'transpose(jvp(T5))/T5.encode/encoder/layers_*/mlp/wi_0/dot_general'
   assert hlo_bytes.normalise(name, depth=3) == 'transpose(jvp(T5))/T5.encode/dot_general'
   assert hlo_bytes.normalise('[copy of] jit(f)/stage_2/blocks_0/add') == '[copy of] stage_*/blocks_*/add'
+  merged = '[fusion of] jit(f)/(layers_0/mlp/reduce_sum:layers_1/mlp/reduce_sum:head/add)'
+  assert hlo_bytes.normalise(merged) == '[fusion of] layers_*/mlp/reduce_sum (+2 merged)'
 
 
 COND = """HloModule c
