@@ -344,7 +344,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
     text = compiled.as_text()
     # XLA's `bytes accessed` also counts traffic to on-chip memories; this is HBM alone, from
     # the buffers' memory spaces in the optimised HLO (the costliest branch of a conditional).
-    fig['hlo_hbm_bytes'] = max(hlo_bytes.step_bytes(hlo_bytes.traffic(text)).values())
+    traffic = hlo_bytes.traffic(text)
+    fig['hlo_hbm_bytes'] = max(hlo_bytes.step_bytes(traffic).values())
+    fig['hlo_hbm_bytes_by_kind'] = dict(traffic['kind'])  # compute, staging, collective (every branch).
     out['programs'][name] = fig
     if hlo_dir:
       _write_hlo(text, os.path.join(hlo_dir, f'{name}_{topology.replace(":", "_")}.hlo.txt.gz'))
