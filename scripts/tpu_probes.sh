@@ -11,11 +11,12 @@ W=${1:-workdirs/tpu_probes}
 OUT=results/tpu_plan/probes
 mkdir -p "$W" "$OUT"
 
-compile() {  # name config-with-args topology
-  local dir="$W/$1"
-  if [[ ! -f "$dir/train_${3/:/_}.hlo.txt.gz" ]]; then
-    "$PY" -m experiments.main --mode=compile --config="$2" --topology="$3" --compile_programs=train \
-      --workdir="$dir" > "$dir.log" 2>&1 || { echo "FAILED: $1, see $dir.log" >&2; exit 1; }
+compile() {  # name config-with-args topology [config overrides]
+  local dir="$W/$1" name=$1 config=$2 topo=$3
+  shift 3
+  if [[ ! -f "$dir/train_${topo/:/_}.hlo.txt.gz" ]]; then
+    "$PY" -m experiments.main --mode=compile --config="$config" --topology="$topo" --compile_programs=train \
+      "$@" --workdir="$dir" > "$dir.log" 2>&1 || { echo "FAILED: $name, see $dir.log" >&2; exit 1; }
   fi
 }
 
@@ -51,3 +52,16 @@ done
 compile vit_mdgf_2x4_mlp configs/vit_imagenet.py:recipe=mdgf,nm=2:4,layers=mlp v4:2x2x4
 report vit_mdgf_2x4_mlp_vs_dense_v4_2x2x4 "$W/vit_dense/train_v4_2x2x4.hlo.txt.gz" \
   "$W/vit_mdgf_2x4_mlp/train_v4_2x2x4.hlo.txt.gz" --top 15
+
+# T5 STEP against a dense step with STEP's optimizer: STEP is an Adam method, so its config
+# swaps T5X's Adafactor (factored second moments) for AdamW; the dense Adafactor step is not its baseline.
+ADAMW=(--config.optimizer.name=adamw --config.optimizer.schedule=cosine --config.optimizer.lr=1e-3
+       --config.optimizer.clip=1.0)
+for topo in v4:2x2x4 v5e:4x8; do
+  compile "t5_depth2_dense_adamw_${topo/:/_}" configs/t5_c4.py:recipe=dense,depth=2 "$topo" "${ADAMW[@]}"
+  compile "t5_depth2_step_${topo/:/_}" configs/t5_c4.py:recipe=step,nm=1:16,layers=all,depth=2 "$topo"
+  report "t5_depth2_dense_adamw_vs_dense_${topo/:/_}" "$W/t5_depth2_dense_${topo/:/_}/train_${topo/:/_}.hlo.txt.gz" \
+    "$W/t5_depth2_dense_adamw_${topo/:/_}/train_${topo/:/_}.hlo.txt.gz" --top 15
+  report "t5_depth2_step_vs_dense_adamw_${topo/:/_}" "$W/t5_depth2_dense_adamw_${topo/:/_}/train_${topo/:/_}.hlo.txt.gz" \
+    "$W/t5_depth2_step_${topo/:/_}/train_${topo/:/_}.hlo.txt.gz" --top 15
+done
