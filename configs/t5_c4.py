@@ -7,7 +7,8 @@ r"""T5.1.1-Base span-corruption pretraining on C4, mirroring T5X's pretraining s
 
 Hardware (measured ahead of time, ``results/tpu_plan.md``): fits a v4-32, data parallel, 5.08 GB
 of a device's 17.18 GB (70 % headroom); the train step's roofline is 113 ms (memory-bound with 8
-sequences per device), so 100k steps take at least 3.1 h, 50 chip-hours. On Cloud TPU set
+sequences per device), so 100k steps take at least 3.1 h, 50 chip-hours (v5e-32: 5.02 GB of 16,
+93 ms, 2.6 h, 83 chip-hours). On Cloud TPU set
 NMSPARSE_DISTRIBUTED=1.
 
 T5X (t5_1_1/base.gin + runs/pretrain.gin, c4_v220_span_corruption): inputs 512 and targets 114
