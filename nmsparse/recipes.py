@@ -496,7 +496,8 @@ class Sparsifier:
     of pruned entries: 1 dense, a(t) in MDGF's sparse phase, else 0), ``density`` (the
     kept fraction of the sparsified kernels, size-weighted) and the SDGF ``stage`` (0
     for other recipes): one ``stage`` when every layer shares one schedule, else
-    ``stage/N:M`` per target N:M.
+    ``stage/N:M`` per target N:M. STEP adds AutoSwitch's latest ``autoswitch_z``, its window
+    mean ``autoswitch_zbar`` (nan before the first) and ``switch_step`` (-1 before the switch).
     """
     if self.recipe.name == 'dense':
       one = jnp.float32(1.0)
@@ -520,6 +521,11 @@ class Sparsifier:
         stages.setdefault(f'stage/{s.n}:{s.m}', k)
     out = dict(phase=phase, decay=jnp.asarray(fwd, jnp.float32),
                density=kept / total if total else jnp.float32(1.0))
+    if self.recipe.name == 'step':  # AutoSwitch: the latest Z, its window mean, the switch step.
+      st = step_optimizer.find_step_state(opt_state)
+      window = st.z_window.shape[0]
+      out |= dict(autoswitch_z=jnp.where(st.z_count > 0, st.z_window[(st.z_count - 1) % window], jnp.nan),
+                  autoswitch_zbar=step_optimizer.autoswitch_statistic(st), switch_step=st.switch_step)
     if len(stages) > 1:
       return out | stages
     return out | {'stage': next(iter(stages.values()), jnp.int32(0))}

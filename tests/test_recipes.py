@@ -300,6 +300,31 @@ def test_step_recipe_turns_the_mask_on_at_the_switch():
     sp.apply(params, {}, 4)
 
 
+def test_step_info_logs_autoswitch():
+  """With every gradient 1, v_t = 1 - b2^t, so Z_t = |v_t - v_(t-1)| = (1 - b2) b2^(t-1) for every
+  entry (mean and geometric mean alike); the switch fires at update t_max + 1 = 4."""
+  sp = sparsifier('step', **{'step.t_min_steps': 0, 'step.t_max_steps': 3, 'step.threshold': 0.0})
+  params = make_params()
+  tx = optax.chain(sp.scale_by_adam(b2=0.9), optax.scale(-0.1))
+  opt = tx.init(params)
+  ones = jax.tree.map(jnp.ones_like, params)
+  info = sp.info(0, opt)
+  assert math.isnan(float(info['autoswitch_z'])) and math.isnan(float(info['autoswitch_zbar']))
+  assert int(info['switch_step']) == -1
+  for _ in range(2):
+    opt = tx.update(ones, opt, params)[1]
+  info = sp.info(2, opt)
+  z1, z2 = 0.1, 0.1 * 0.9
+  assert float(info['autoswitch_z']) == pytest.approx(z2, rel=1e-4)
+  assert float(info['autoswitch_zbar']) == pytest.approx((z1 + z2) / 2, rel=1e-4)
+  assert int(info['switch_step']) == -1 and int(info['phase']) == 0
+  for _ in range(2):
+    opt = tx.update(ones, opt, params)[1]
+  info = sp.info(4, opt)
+  assert int(info['switch_step']) == 4 and int(info['phase']) == 1
+  assert 'autoswitch_z' not in sparsifier('ste').info(0)
+
+
 PHASED = {'dense_frac': 0.2, 'finetune_frac': 0.3}  # Dense 0-19, sparse 20-69, fine-tune 70-99.
 
 
