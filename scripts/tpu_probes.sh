@@ -65,3 +65,9 @@ for topo in v4:2x2x4 v5e:4x8; do
   report "t5_depth2_step_vs_dense_adamw_${topo/:/_}" "$W/t5_depth2_dense_adamw_${topo/:/_}/train_${topo/:/_}.hlo.txt.gz" \
     "$W/t5_depth2_step_${topo/:/_}/train_${topo/:/_}.hlo.txt.gz" --top 15
 done
+
+# T5 SDGF on 8 H100s: each stage of the switch apart (XLA's GPU figure is the costliest, 1.076).
+compile t5_depth2_dense_h100_8 configs/t5_c4.py:recipe=dense,depth=2 h100:8
+compile t5_depth2_sdgf_h100_8 configs/t5_c4.py:recipe=sdgf,nm=1:16,layers=all,depth=2 h100:8
+report t5_depth2_sdgf_vs_dense_h100_8 "$W/t5_depth2_dense_h100_8/train_h100_8.hlo.txt.gz" \
+  "$W/t5_depth2_sdgf_h100_8/train_h100_8.hlo.txt.gz" --top 15
