@@ -8,8 +8,8 @@ Default variant ``B-w16`` = swinv2_base_window16_256 (embed 128, depths 2-2-18-2
 epochs, AdamW lr 1e-3 at batch 1024 (square-root scaled), weight decay 0.05, 20 warm-up epochs,
 cosine, gradient clipping 5.0, RandAugment m9 n2, mixup 0.8, stochastic depth 0.5 (B), bf16.
 Hardware (measured ahead of time, ``results/tpu_plan.md``): fits a v4-32 at batch 1024 with no
-fsdp or remat, 14.64 GB of a device's 17.18 GB (15 % headroom; the diagnostics step not compiled:
-plan it before a run); the train step's roofline is 238 ms (memory-bound), so 300 epochs
+fsdp or remat, 14.64 GB of a device's 17.18 GB (15 % headroom; MDGF's diagnostics step 14.78 GB);
+the train step's roofline is 238 ms (memory-bound), so 300 epochs
 (375,300 steps) take at least 24.9 h, 399 chip-hours. On a v5e-32 (16 GB per chip) data parallel
 leaves 8.8 % free: add ``--config.mesh.fsdp=8 --config.mesh.data=-1`` (13.26 GB, 17 % headroom;
 155 ms, 16.2 h, 519 chip-hours). Expected top-1 about 84-85 % dense (B-w16).
