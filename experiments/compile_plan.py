@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from experiments import hlo_bytes
+from experiments import environment, hlo_bytes
 
 PyTree = Any
 GiB = 2**30
@@ -448,6 +448,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, topologies: list[str],
   summary = {}
   for topology in topologies:
     out = plan(config, topology, programs=tuple(programs), hlo_dir=workdir)
+    out['code'] = environment.git_state()  # Which nmsparse compiled it: a cell is redone when code changes.
     print(describe(out), flush=True)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, f'compile_{topology.replace(":", "_")}.json'), 'w') as f:

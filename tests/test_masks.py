@@ -130,6 +130,37 @@ def test_matches_numpy_reference_with_ties(n, m):
     np.testing.assert_array_equal(group_counts(mk, m), n)
 
 
+PAIRWISE = [(1, 2), (2, 4), (1, 4), (3, 4), (3, 8), (4, 8), (8, 16), (3, 32)]
+
+
+@pytest.mark.parametrize('n,m', PAIRWISE, ids=[f'{n}:{m}' for n, m in PAIRWISE])
+def test_both_pairwise_forms_match_reference_with_ties(n, m):
+  # nm_mask runs one of them per platform (lax.platform_dependent): CPU the broadcast form,
+  # TPU and GPU the strided slices (8-row runs for a 2-D kernel with m < 8, when the group
+  # count allows). Both are checked here, on CPU, on (pre, G, m, *post) views.
+  from nmsparse import masks
+  rng = np.random.default_rng(7 * n + m)
+  for groups, post in ((4, (COLS,)), (3, (COLS,)), (4, (2, 3))):
+    w = int_weights(rng, (groups * m, *post), -2, 2)  # Many ties.
+    g = jnp.abs(jnp.asarray(w)).reshape(1, groups, m, *post)
+    expect = ref_mask(w, n, m)
+    for form in (masks._pairwise_keep, masks._pairwise_keep_broadcast):
+      np.testing.assert_array_equal(np.asarray(form(g, n, m)).reshape(w.shape), expect,
+                                    err_msg=f'{form.__name__} {groups} groups, {post}')
+
+
+@pytest.mark.parametrize('n,m', PATTERNS, ids=[f'{n}:{m}' for n, m in PATTERNS])
+def test_every_platform_choice_matches_reference(n, m):
+  # nm_mask on CPU runs _keep_cpu only; the TPU and GPU choices are checked here on the same data.
+  from nmsparse import masks
+  rng = np.random.default_rng(3 * n + m)
+  w = int_weights(rng, (2 * m, COLS), -2, 2)
+  g = jnp.abs(jnp.asarray(w)).reshape(1, 2, m, COLS)
+  for choose in (masks._keep_cpu, masks._keep_tpu, masks._keep_gpu):
+    np.testing.assert_array_equal(np.asarray(choose(g, n, m)).reshape(w.shape), ref_mask(w, n, m),
+                                  err_msg=choose.__name__)
+
+
 @pytest.mark.parametrize('n,m', PATTERNS, ids=[f'{n}:{m}' for n, m in PATTERNS])
 def test_all_equal_group_keeps_first_n(n, m):
   w = np.zeros((2 * m, COLS), np.float32)
@@ -442,3 +473,19 @@ def test_gradient_through_the_mask_is_the_mask_selected_upstream_gradient():
     fd = [(float(loss(w.at[i, 0].add(eps), apply)) - float(loss(w.at[i, 0].add(-eps), apply))) / (2 * eps)
           for i in range(4)]
     np.testing.assert_allclose(fd, want, rtol=1e-3, atol=1e-3, err_msg=name)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_magnitude_key_orders_like_abs_with_nan_on_top(dtype):
+  from nmsparse import masks
+  values = [0.0, -0.0, 1e-3, -1e-3, 1.0, -2.0, 3.5, np.inf, -np.inf, np.nan, -np.nan]
+  key = np.asarray(masks.magnitude_key(jnp.asarray(values, dtype))).astype(np.int64)
+  mag = np.abs(np.asarray(jnp.asarray(values, dtype).astype(jnp.float32), np.float64))
+  for i in range(len(values)):
+    for j in range(len(values)):
+      if np.isnan(values[i]) or np.isnan(values[j]):
+        # NaN above every number; two NaNs compare equal here (same payload up to sign).
+        expect = int(np.isnan(values[i])) - int(np.isnan(values[j]))
+      else:
+        expect = int(mag[i] > mag[j]) - int(mag[i] < mag[j])
+      assert np.sign(key[i] - key[j]) == expect, (values[i], values[j])

@@ -64,7 +64,8 @@ def grads_at(sp, params, step, state=None, opt_state=None):
 
 
 def primitives(fn, *args):
-  """Names of every primitive in the jaxpr of ``fn(*args)``, sub-jaxprs included."""
+  """Names of every primitive in the jaxpr of ``fn(*args)``, sub-jaxprs included (a per-platform
+  choice, ``lax.platform_dependent``, is named ``platform_cond``, apart from a runtime ``cond``)."""
   out = set()
 
   def subs(value):
@@ -78,7 +79,10 @@ def primitives(fn, *args):
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      out.add(eqn.primitive.name)
+      name = eqn.primitive.name
+      if name == 'cond' and eqn.params.get('branches_platforms'):
+        name = 'platform_cond'  # lax.platform_dependent: lowering keeps one branch, no runtime branch.
+      out.add(name)
       for value in eqn.params.values():
         for sub in subs(value):
           walk(sub)
