@@ -2,6 +2,8 @@ r"""Paired comparisons of two recipes over seeds, with a 95 % confidence interva
 
     python -m scripts.compare --root results/sweeps/vit_fmnist --a mdgf-exp --b srste --nm 1:16,1:32
     python -m scripts.compare --root R --a mdgf-exp --b srste --setting epochs5 --json out.json
+    python -m scripts.compare --root R --a mdgf-exp,sdgf-stepwise --b srste --nm 1:16,1:32 \
+        --setting epochs1,epochs5_diagnostics_points60 --figure gap_vs_length.png
 
 A pair is the same seed (same initialisation and data order) of recipe A and recipe B in the
 same setting and N:M. For each cell it prints the per-seed differences A - B of the final
@@ -9,6 +11,9 @@ metric (percentage points for accuracies), their mean, the sample standard devia
 95 % confidence interval of the mean difference from Student's t with n - 1 degrees of
 freedom (paired t), and how many seeds are positive. An interval that contains 0 is
 reported as "not shown": the data do not establish the sign of the difference.
+
+``--figure`` plots each cell's mean difference and interval against the runs' length
+(``--x``, a config key: ``total_epochs`` by default), one line per recipe A and N:M.
 """
 
 from __future__ import annotations
@@ -72,6 +77,74 @@ def cells(records: Sequence[tables.Record], metric: tables.Metric, a: str, b: st
   return out
 
 
+def by_length(records: Sequence[tables.Record], metric: tables.Metric, a: Sequence[str], b: str,
+              settings: Optional[Sequence[str]], nms: Optional[Sequence[str]],
+              key: str = 'total_epochs') -> list[dict]:
+  """:func:`cells` of every recipe in ``a`` against ``b``, each with ``x``: its runs' ``config[key]``.
+
+  Raises ValueError when one setting's runs disagree on ``key``, when a setting has no ``key``,
+  or when two settings give the same recipe, N:M and length (choose one with ``settings``).
+  """
+  lengths: dict[str, set] = {}
+  for r in records:
+    if r.config is not None and (not settings or r.setting in settings):
+      lengths.setdefault(r.setting, set()).add(r.config.get(key))
+  out, seen = [], {}
+  for variant in a:
+    for c in cells(records, metric, variant, b, None, nms):
+      if settings and c['setting'] not in settings:
+        continue
+      xs = lengths.get(c['setting'], set())
+      if len(xs) != 1 or None in xs:
+        raise ValueError(f'setting {c["setting"]!r}: its runs give {key} = {sorted(map(str, xs))}; '
+                         f'a length figure needs one value per setting (choose --x or --setting).')
+      c = c | {'x': float(next(iter(xs)))}
+      k = (c['a'], c['nm'], c['x'])
+      if k in seen:
+        raise ValueError(f'{c["a"]} at {c["nm"]}: settings {seen[k]!r} and {c["setting"]!r} both have '
+                         f'{key} = {c["x"]:g}; keep one with --setting.')
+      seen[k] = c['setting']
+      out.append(c)
+  return out
+
+
+def gap_figure(found: Sequence[dict], path: str, xlabel: str, unit: str = 'points') -> str:
+  """Mean paired difference (markers) and its 95 % interval (bars) against length, log x.
+
+  Lines of the same length are offset sideways by a few percent so that no bar hides another.
+  """
+  from scripts import figures  # pylint: disable=g-import-not-at-top
+  plt = figures._pyplot()  # pylint: disable=protected-access
+  groups = sorted({(c['a'], c['nm']) for c in found}, key=lambda g: (g[0], tables.nm_sort_key(g[1] or '')))
+  nms = sorted({g[1] for g in groups}, key=lambda nm: tables.nm_sort_key(nm or ''))
+  fig, ax = plt.subplots(figsize=(7, 4.2))
+  for i, (a, nm) in enumerate(groups):
+    cs = sorted((c for c in found if (c['a'], c['nm']) == (a, nm)), key=lambda c: c['x'])
+    shift = 1 + 0.04 * (i - (len(groups) - 1) / 2)
+    x = [c['x'] * shift for c in cs]
+    y = [c['mean'] for c in cs]
+    err = [[c['mean'] - c['low'] if c['low'] is not None else 0 for c in cs],
+           [c['high'] - c['mean'] if c['high'] is not None else 0 for c in cs]]
+    ax.errorbar(x, y, yerr=err, color=figures.color(a), linestyle=['-', '--', ':', '-.'][nms.index(nm) % 4],
+                marker='o', capsize=3, label=f'{a} - {cs[0]["b"]}, {nm}')
+    for xi, c in zip(x, cs):
+      ax.annotate(f'{c["positive"]}/{c["n"]}', (xi, c['mean']), textcoords='offset points', xytext=(4, 4),
+                  fontsize=7, color=figures.color(a))
+  ax.axhline(0, color='grey', lw=0.8)
+  ax.set_xscale('log')
+  ticks = sorted({c['x'] for c in found})
+  ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
+  ax.minorticks_off()
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(f'paired difference ({unit})')
+  ax.set_title('Mean over seeds, 95 % CI (paired t); k/n: seeds positive', fontsize=9)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
 def describe(c: dict, unit: str = 'points') -> str:
   diffs = ', '.join(f'{d:+.2f}' for d in c['diffs'])
   if c['std'] is None:
@@ -85,22 +158,32 @@ def describe(c: dict, unit: str = 'points') -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--root', action='append', required=True, help='Sweep folder (repeatable).')
-  ap.add_argument('--a', required=True, help='Recipe variant A, e.g. mdgf-exp.')
+  ap.add_argument('--a', required=True, help='Recipe variant A, e.g. mdgf-exp (comma-separated: several).')
   ap.add_argument('--b', required=True, help='Recipe variant B, e.g. srste (or dense).')
   ap.add_argument('--nm', default=None, help='Comma-separated N:M patterns (default: all).')
-  ap.add_argument('--setting', default=None, help='Only this setting, e.g. epochs5.')
+  ap.add_argument('--setting', default=None, help='Only these settings, comma-separated, e.g. epochs5.')
+  ap.add_argument('--figure', default=None, help='Also plot the differences against run length here (PNG).')
+  ap.add_argument('--x', default='total_epochs', help='--figure: the config key that measures length.')
   ap.add_argument('--metric', default=None, help='A key of final_metrics.json (default: the task\'s).')
   ap.add_argument('--json', default=None, help='Also write the comparisons here.')
   args = ap.parse_args(argv)
   records = tables.collect(args.root)
   task = next((r.config or {}).get('task') for r in records if r.config)
   metric = tables.choose_metric(task, args.metric)
-  found = cells(records, metric, args.a, args.b, args.setting, args.nm.split(',') if args.nm else None)
+  settings = args.setting.split(',') if args.setting else None
+  nms = args.nm.split(',') if args.nm else None
+  if args.figure:
+    found = by_length(records, metric, args.a.split(','), args.b, settings, nms, args.x)
+  else:
+    found = [c for a in args.a.split(',') for c in cells(records, metric, a, args.b, None, nms)
+             if not settings or c['setting'] in settings]
   if not found:
     print(f'no finished seeds of both {args.a} and {args.b} in {args.root}', file=sys.stderr)
     return 1
   for c in found:
     print(describe(c))
+  if args.figure:
+    print('wrote', gap_figure(found, args.figure, xlabel=args.x.replace('_', ' ')))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(found, f, indent=2)

@@ -25,3 +25,47 @@ def test_paired_interval_by_hand():
   assert one['std'] is None and one['shown'] is False
   with pytest.raises(ValueError, match='no paired seeds'):
     compare.paired([])
+
+
+def _record(variant, nm, seed, setting, epochs, acc):
+  from scripts import tables
+  return tables.Record(name=f'{variant}_{nm}_{seed}_{setting}', workdir='', variant=variant, nm=nm, seed=seed,
+                       setting=setting, section='vit', state='finished', detail='',
+                       config={'total_epochs': epochs}, final={'eval_accuracy': acc})
+
+
+def _grid():
+  # SR-STE vs MDGF at 1:16; 1 epoch: differences +1, +2, +3 points; 5 epochs: -0.5, +0.5.
+  rs = []
+  for seed, (b1, a1) in enumerate([(0.80, 0.81), (0.80, 0.82), (0.70, 0.73)]):
+    rs += [_record('srste', '1:16', seed, 'epochs1', 1.0, b1), _record('mdgf-exp', '1:16', seed, 'epochs1', 1.0, a1)]
+  for seed, (b5, a5) in enumerate([(0.85, 0.845), (0.85, 0.855)]):
+    rs += [_record('srste', '1:16', seed, 'epochs5', 5.0, b5), _record('mdgf-exp', '1:16', seed, 'epochs5', 5.0, a5)]
+  rs.append(_record('mdgf-exp', '1:16', 9, 'epochs5', 5.0, 0.99))  # No SR-STE partner: not paired.
+  return rs
+
+
+def test_by_length_pairs_seeds_and_reads_the_length(tmp_path):
+  from scripts import tables
+  metric = tables.choose_metric('classification')
+  found = compare.by_length(_grid(), metric, ['mdgf-exp'], 'srste', None, ['1:16'])
+  by_x = {c['x']: c for c in found}
+  assert sorted(by_x) == [1.0, 5.0]
+  assert by_x[1.0]['diffs'] == pytest.approx([1.0, 2.0, 3.0]) and by_x[1.0]['mean'] == pytest.approx(2.0)
+  assert by_x[5.0]['seeds'] == [0, 1] and by_x[5.0]['mean'] == pytest.approx(0.0, abs=1e-9)
+  assert by_x[5.0]['positive'] == 1 and by_x[5.0]['shown'] is False
+  path = compare.gap_figure(found, str(tmp_path / 'gap.png'), 'total epochs')
+  assert (tmp_path / 'gap.png').stat().st_size > 1000 and path.endswith('gap.png')
+
+
+def test_by_length_refuses_ambiguous_lengths():
+  from scripts import tables
+  metric = tables.choose_metric('classification')
+  rs = _grid() + [_record('srste', '1:16', 0, 'epochs5_other', 5.0, 0.8),
+                  _record('mdgf-exp', '1:16', 0, 'epochs5_other', 5.0, 0.8)]
+  with pytest.raises(ValueError, match="'epochs5' and 'epochs5_other' both have total_epochs = 5"):
+    compare.by_length(rs, metric, ['mdgf-exp'], 'srste', None, ['1:16'])
+  assert len(compare.by_length(rs, metric, ['mdgf-exp'], 'srste', ['epochs1', 'epochs5'], ['1:16'])) == 2
+  mixed = _grid() + [_record('srste', '1:16', 5, 'epochs1', 2.0, 0.8)]
+  with pytest.raises(ValueError, match="setting 'epochs1'"):
+    compare.by_length(mixed, metric, ['mdgf-exp'], 'srste', None, ['1:16'])
