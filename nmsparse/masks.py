@@ -95,25 +95,20 @@ def _pairwise_keep(a: jax.Array, n: int, m: int) -> jax.Array:
 
   Works on the M strided slices ``a[:, :, j]`` of a group, so that no array keeps the
   small group axis in a tiled position (on TPU that padding cost 4x the bytes at 2:4).
+  (Reading a 2-D kernel's groups of 4 as runs of 8 rows, TPU's tile height, cut one mask
+  pass from 1.7x to 0.69x an elementwise pass in isolation, but made the ViT-B/16 2:4
+  train step on v4 move 1.022x dense's HBM bytes instead of 1.016x: not kept.)
   """
-  p, g, _, *post = a.shape
-  rows = m
-  if len(post) == 1 and m < 8 and 8 % m == 0 and (g * m) % 8 == 0:
-    # A 2-D kernel tiles 8 rows together on TPU: a (G, m, out) view with m < 8 is a relayout
-    # copy of the kernel (2.7x the bytes of an elementwise pass at 1:4), a (G*m/8, 8, out)
-    # view is free. Each run of 8 rows holds 8/m whole groups.
-    rows, a = 8, a.reshape(p, g * m // 8, 8, *post)
-  cols = [a[:, :, s] for s in range(rows)]
+  cols = [a[:, :, j] for j in range(m)]
   keeps = []
-  for s in range(rows):
-    base, i = s - s % m, s % m  # Row s is member i of the group starting at row base.
-    rank = jnp.zeros(cols[s].shape, jnp.int32)
+  for i in range(m):
+    rank = jnp.zeros(cols[i].shape, jnp.int32)
     for j in range(m):
       if j != i:  # A tie goes to the lower index: j beats i on equality only when j < i.
-        beats = cols[base + j] > cols[s] if j > i else cols[base + j] >= cols[s]
+        beats = cols[j] > cols[i] if j > i else cols[j] >= cols[i]
         rank = rank + beats.astype(jnp.int32)
     keeps.append(rank < n)
-  return jnp.stack(keeps, axis=2).reshape(p, g, m, *post)
+  return jnp.stack(keeps, axis=2)
 
 
 def _pairwise_keep_broadcast(a: jax.Array, n: int, m: int) -> jax.Array:
@@ -239,7 +234,7 @@ def _keep_cpu(g: jax.Array, n: int, m: int) -> jax.Array:
 
 def _keep_tpu(g: jax.Array, n: int, m: int) -> jax.Array:
   if m <= 4 or (m <= 8 and min(n, m - n) >= 3):
-    return _pairwise_keep(g, n, m)  # One fused pass: 0.69x an elementwise pass (1:4 by argmax: 2.7x).
+    return _pairwise_keep(g, n, m)  # One fused pass (1:4 by argmax: 2.7x an elementwise pass, now 1.7x).
   # Else argmax passes: in a train step XLA stages the kernel on chip for them, and XLA's own
   # byte count (its roofline) prices the pairwise rank's M slices 5-15x higher (1:8, 8:16).
   return _keep_passes_or_sort(g, n, m)

@@ -136,8 +136,7 @@ PAIRWISE = [(1, 2), (2, 4), (1, 4), (3, 4), (3, 8), (4, 8), (8, 16), (3, 32)]
 @pytest.mark.parametrize('n,m', PAIRWISE, ids=[f'{n}:{m}' for n, m in PAIRWISE])
 def test_both_pairwise_forms_match_reference_with_ties(n, m):
   # nm_mask runs one of them per platform (lax.platform_dependent): CPU the broadcast form,
-  # TPU and GPU the strided slices (8-row runs for a 2-D kernel with m < 8, when the group
-  # count allows). Both are checked here, on CPU, on (pre, G, m, *post) views.
+  # TPU and GPU the strided slices. Both are checked here, on CPU, on (pre, G, m, *post) views.
   from nmsparse import masks
   rng = np.random.default_rng(7 * n + m)
   for groups, post in ((4, (COLS,)), (3, (COLS,)), (4, (2, 3))):
