@@ -220,7 +220,7 @@ def report(paths: list[str], top: int, depth: int | None, spaces: Collection[int
       if table == 'branch' and set(t[0][table]) == {'outside'}:
         continue
       lines.append(f'\n  GB        share  {table}')
-      for key, v in t[0][table].most_common(top):
+      for key, v in sorted(t[0][table].items(), key=lambda kv: (-kv[1], kv[0]))[:top]:
         lines.append(f'  {gb(v)} {v / total:6.1%}  {key}')
     return '\n'.join(lines)
   a, b = t
@@ -233,7 +233,7 @@ def report(paths: list[str], top: int, depth: int | None, spaces: Collection[int
     keys = set(a[table]) | set(b[table])
     if table == 'branch' and keys == {'outside'}:
       continue
-    diff = sorted(keys, key=lambda k: -abs(b[table][k] - a[table][k]))[:top]
+    diff = sorted(keys, key=lambda k: (-abs(b[table][k] - a[table][k]), k))[:top]  # Ties: by name, stable.
     lines.append(f'\n  A GB      B GB      B-A GB    {table}')
     for k in diff:
       lines.append(f'  {gb(a[table][k])} {gb(b[table][k])} {(b[table][k] - a[table][k]) / 1e9:+9.3f}  {k}')
