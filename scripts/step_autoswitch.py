@@ -60,7 +60,8 @@ def analyse(record: tables.Record, metric: tables.Metric) -> dict:
     fired = 'T_max bound'
   else:
     fired = 'threshold (after T_min)'
-  curve = [(int(r['step']), _finite(r.get('sparsity/autoswitch_zbar'))) for r in logged]
+  curve = [(int(r['step']), _finite(r.get('sparsity/autoswitch_zbar'))) for r in logged
+           if switch is None or int(r['step']) <= switch]  # The window stops at the switch.
   return dict(name=record.name, variant=record.variant, nm=record.nm, seed=record.seed, setting=record.setting,
               total=total, t_min=t_min, t_max=t_max, threshold=float(s['threshold']),
               scale_free=bool(s['scale_free']), window=s['window'], statistic=s['statistic'], switch=switch,
@@ -87,17 +88,20 @@ def figure(found: Sequence[dict], path: str) -> str:
   plt = figures._pyplot()  # pylint: disable=protected-access
   fig, ax = plt.subplots(figsize=(7, 4.2))
   cmap = plt.get_cmap('tab10')
+  settings = {f['setting'] for f in found}
   for i, f in enumerate(x for x in found if x['curve']):
     c = cmap(i % 10)
     steps, z = zip(*f['curve'])
-    ax.plot([k / f['total'] for k in steps], z, color=c, label=f['name'])
+    label = f'{f["nm"]}, seed {f["seed"]}, T_min {f["t_min"]}' + (f' [{f["setting"]}]' if len(settings) > 1 else '')
+    ax.plot([k / f['total'] for k in steps], z, color=c, label=label)
     ax.axhline(f['threshold'], color=c, lw=0.7, ls=':')
     if f['switch'] is not None:
       ax.axvline(f['switch'] / f['total'], color=c, lw=0.7, ls='--')
   ax.set_yscale('log')
   ax.set_xlabel('fraction of the run')
   ax.set_ylabel('AutoSwitch window mean Zbar (mean |dv|)')
-  ax.set_title('Zbar until the switch (dashed); threshold (dotted)', fontsize=9)
+  ax.set_title('Zbar until the switch (dashed line; lines of equal steps overlap); threshold (dotted)',
+               fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -26,11 +26,12 @@ def test_threshold_after_t_min(tmp_path):
           for k in (10, 20, 30, 40)]
   rows.append({'step': 50, 'sparsity/autoswitch_zbar': float('nan'), 'sparsity/switch_step': 48,
                'sparsity/phase': 1})
+  rows.append({'step': 60, 'sparsity/autoswitch_zbar': 3e-11, 'sparsity/switch_step': 48})  # Window frozen.
   metric = tables.choose_metric('classification')
   f = step_autoswitch.analyse(_run(tmp_path, 'a', rows, {}), metric)
   assert (f['t_min'], f['t_max'], f['switch'], f['exact']) == (47, 234, 48, True)
   assert f['fired'] == 'threshold (after T_min)' and f['zbar_before'] == pytest.approx(3e-11)
-  assert f['metric'] == pytest.approx(78.0) and len(f['curve']) == 4  # nan after the switch dropped
+  assert f['metric'] == pytest.approx(78.0) and len(f['curve']) == 4  # Up to the switch, finite only
   assert '| 48 | 10.3% | threshold (after T_min) | 3.00e-11 | 78.00 |' in step_autoswitch.table([f], metric)
 
 
