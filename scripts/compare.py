@@ -53,26 +53,35 @@ def paired(diffs: Sequence[float], confidence: float = 0.95) -> dict:
   return out | dict(std=std, low=low, high=high, shown=low > 0 or high < 0)
 
 
+def _nm_key(nm: Optional[str]) -> tuple:
+  return tables.nm_sort_key(nm or 'dense')
+
+
 def cells(records: Sequence[tables.Record], metric: tables.Metric, a: str, b: str,
-          setting: Optional[str], nms: Optional[Sequence[str]]) -> list[dict]:
-  """One comparison per (setting, N:M) where both recipes have finished seeds in common."""
+          setting: Optional[str], nms: Optional[Sequence[str]], setting_b: Optional[str] = None) -> list[dict]:
+  """One comparison per (setting, N:M) where both recipes have finished seeds in common.
+
+  ``setting_b``: pair A's runs in each setting with B's runs in this one (e.g. a STEP variant
+  against SR-STE's default runs); by default B's setting is A's.
+  """
   values: dict[tuple, dict[int, float]] = {}
   for r in records:
-    if r.state != 'finished' or r.variant not in (a, b) or (setting and r.setting != setting):
+    if r.state != 'finished' or r.variant not in (a, b):
       continue
     v = tables.metric_value(r, metric)
     if v is not None and r.seed is not None:
       values.setdefault((r.variant, r.setting, r.nm), {})[r.seed] = v
   out = []
-  for (variant, s, nm), va in sorted(values.items(), key=lambda kv: (kv[0][1], tables.nm_sort_key(kv[0][2] or ''))):
-    if variant != a or (nms and nm not in nms):
+  for (variant, s, nm), va in sorted(values.items(), key=lambda kv: (kv[0][1], _nm_key(kv[0][2]))):
+    if variant != a or (nms and nm not in nms) or (setting and s != setting):
       continue
-    vb = values.get((b, s, nm)) or values.get((b, s, None))  # B may be dense (no N:M).
+    sb = setting_b or s
+    vb = values.get((b, sb, nm)) or values.get((b, sb, None))  # B may be dense (no N:M).
     if not vb:
       continue
     seeds = sorted(set(va) & set(vb))
     if seeds:
-      out.append(dict(a=a, b=b, setting=s, nm=nm, seeds=seeds,
+      out.append(dict(a=a, b=b, setting=s if sb == s else f'{s} vs {sb}', nm=nm, seeds=seeds,
                       **paired([va[k] - vb[k] for k in seeds])))
   return out
 
@@ -115,8 +124,8 @@ def gap_figure(found: Sequence[dict], path: str, xlabel: str, unit: str = 'point
   """
   from scripts import figures  # pylint: disable=g-import-not-at-top
   plt = figures._pyplot()  # pylint: disable=protected-access
-  groups = sorted({(c['a'], c['nm']) for c in found}, key=lambda g: (g[0], tables.nm_sort_key(g[1] or '')))
-  nms = sorted({g[1] for g in groups}, key=lambda nm: tables.nm_sort_key(nm or ''))
+  groups = sorted({(c['a'], c['nm']) for c in found}, key=lambda g: (g[0], _nm_key(g[1])))
+  nms = sorted({g[1] for g in groups}, key=_nm_key)
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for i, (a, nm) in enumerate(groups):
     cs = sorted((c for c in found if (c['a'], c['nm']) == (a, nm)), key=lambda c: c['x'])
@@ -162,6 +171,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ap.add_argument('--b', required=True, help='Recipe variant B, e.g. srste (or dense).')
   ap.add_argument('--nm', default=None, help='Comma-separated N:M patterns (default: all).')
   ap.add_argument('--setting', default=None, help='Only these settings, comma-separated, e.g. epochs5.')
+  ap.add_argument('--setting_b', default=None,
+                  help='Pair A with B\'s runs of this setting (default: the same setting as A).')
   ap.add_argument('--figure', default=None, help='Also plot the differences against run length here (PNG).')
   ap.add_argument('--x', default='total_epochs', help='--figure: the config key that measures length.')
   ap.add_argument('--metric', default=None, help='A key of final_metrics.json (default: the task\'s).')
@@ -175,8 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if args.figure:
     found = by_length(records, metric, args.a.split(','), args.b, settings, nms, args.x)
   else:
-    found = [c for a in args.a.split(',') for c in cells(records, metric, a, args.b, None, nms)
-             if not settings or c['setting'] in settings]
+    found = [c for a in args.a.split(',') for s in (settings or [None])
+             for c in cells(records, metric, a, args.b, s, nms, args.setting_b)]
   if not found:
     print(f'no finished seeds of both {args.a} and {args.b} in {args.root}', file=sys.stderr)
     return 1

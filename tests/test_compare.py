@@ -69,3 +69,14 @@ def test_by_length_refuses_ambiguous_lengths():
   mixed = _grid() + [_record('srste', '1:16', 5, 'epochs1', 2.0, 0.8)]
   with pytest.raises(ValueError, match="setting 'epochs1'"):
     compare.by_length(mixed, metric, ['mdgf-exp'], 'srste', None, ['1:16'])
+
+
+def test_cells_against_dense_and_across_settings():
+  from scripts import tables
+  metric = tables.choose_metric('classification')
+  rs = _grid() + [_record('dense', None, s, 'epochs1', 1.0, acc) for s, acc in enumerate([0.82, 0.83, 0.74])]
+  found = compare.cells(rs, metric, 'srste', 'dense', 'epochs1', None)
+  assert [c['diffs'] for c in found] == [pytest.approx([-2.0, -3.0, -4.0])]  # B is dense: no N:M of its own.
+  # A in one setting against B in another: SR-STE at 5 epochs minus MDGF at 1 epoch, seeds 0 and 1.
+  found = compare.cells(rs, metric, 'srste', 'mdgf-exp', 'epochs5', None, setting_b='epochs1')
+  assert found[0]['setting'] == 'epochs5 vs epochs1' and found[0]['diffs'] == pytest.approx([4.0, 3.0])
