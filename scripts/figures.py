@@ -293,6 +293,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument('--workdirs', default='', help='Comma-separated run workdirs (without a sweep root).')
   p.add_argument('--metric', help='final_metrics.json key for the metric figure, e.g. hard_accuracy.')
   p.add_argument('--out', help='Output folder (default: FIRST_ROOT/figures).')
+  p.add_argument('--setting', default=None,
+                 help='Only runs of these settings (comma-separated, e.g. epochs5_diagnostics_points60).')
   args = p.parse_args(argv)
   workdirs = sweep.split_list(args.workdirs)
   if not args.root and not workdirs:
@@ -305,6 +307,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  if args.setting:
+    keep = set(sweep.split_list(args.setting))
+    records = [r for r in records if r.setting in keep]
   paths = make_figures(records, out_dir, args.metric)
   if not paths:
     print('error: nothing to plot (no finished runs, no metrics.jsonl, no recipe configs).', file=sys.stderr)
