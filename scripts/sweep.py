@@ -5,6 +5,7 @@ r"""Launches a grid of runs (recipe variant x N:M x seed) of one config, each in
     python -m scripts.sweep ... --mode print                # one shell command per pending run
     python -m scripts.sweep ... --mode write --out jobs.sh  # the same commands into a file
     python -m scripts.sweep ... --dry_run                   # the plan only: nothing written or run
+    python -m scripts.sweep ... --recipes srste --match_flops mdgf-exp   # SR-STE at MDGF's training FLOPs
 
 Workdirs are ``ROOT/<variant>_nm<N>x<M>_s<seed>[_<setting>]``; dense runs have no N:M
 (``dense_s<seed>``, one per seed whatever ``--nm``); ``<setting>`` names the ``--extra`` and
@@ -248,6 +249,75 @@ def validate(runs: Sequence[Run]) -> None:
         node = node[k]
 
 
+def _load_config_module(config_file: str, cache: dict):
+  path = config_file if os.path.isabs(config_file) else os.path.join(REPO, config_file)
+  if path not in cache:
+    spec = importlib.util.spec_from_file_location(f'_sweep_config_{len(cache)}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cache[path] = module
+  return cache[path]
+
+
+def build_config(run: Run, cache: Optional[dict] = None):
+  """The run's config as ``experiments.main`` builds it: config file, argument, ``--set`` values."""
+  import ast  # pylint: disable=g-import-not-at-top
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+  config = _load_config_module(run.config_file, {} if cache is None else cache).get_config(run.arg)
+  for item in run.overrides:
+    key, _, text = item.partition('=')
+    *parents, leaf = key.split('.')
+    node = config
+    for k in parents:
+      node = node[k]
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text  # A bare word: a string, as the flag parser reads it.
+    node[leaf] = value
+  return config
+
+
+def match_flops(runs: Sequence[Run], reference: str, extra: str = '', overrides: Sequence[str] = ()
+                ) -> list[Run]:
+  """Each run lengthened (or shortened) to the training FLOPs of ``reference`` in the same cell.
+
+  For a run of S steps, the reference variant's run of the same config, N:M and seed has S steps
+  and F training FLOPs (``scripts.tables.run_flops``, the recipe's phases included); the run
+  gets the step count whose own training FLOPs come closest to F, as ``--config.total_steps``,
+  and the setting suffix ``flops_of_<reference>``. The count is derived here, where both runs'
+  FLOPs are known, not written into a config by hand.
+  """
+  from experiments import compile_plan  # pylint: disable=g-import-not-at-top
+  from experiments import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  from scripts import tables  # pylint: disable=g-import-not-at-top
+  if reference not in VARIANTS:
+    raise ValueError(f'--match_flops {reference!r} is not a recipe variant; choose one of {sorted(VARIANTS)}.')
+  if VARIANTS[reference]['recipe'] == 'step':
+    raise ValueError('--match_flops step: STEP\'s FLOPs depend on where AutoSwitch fires; match another recipe.')
+  cache, out = {}, []
+  for run in runs:
+    if run.nm is None:
+      raise ValueError(f'--match_flops: {run.name} is dense, which has no N:M to match {reference}\'s run of; '
+                       'leave dense out of --recipes (scripts.tables pairs dense runs by FLOPs).')
+    ref = make_runs(run.config_file, [reference], [run.nm], [run.seed], os.path.dirname(run.workdir),
+                    extra, overrides)[0]
+    ref_config = build_config(ref, cache)
+    spe = compile_plan.steps_per_epoch(ref_config)
+    steps = optimizer_lib.duration_steps(ref_config, 'total', spe, ref_config.batch_size)
+    target = tables.run_flops(ref_config.to_dict(), steps)['train_flops']
+    config = build_config(run, cache)
+    flops = lambda s: tables.run_flops(config.to_dict(), s)['train_flops']  # noqa: E731
+    guess = max(1, round(steps * target / flops(steps)))
+    best = min(range(max(1, guess - 2), guess + 3), key=lambda s: abs(flops(s) - target))
+    setting = '_'.join(p for p in (run.setting, f'flops_of_{reference}') if p)
+    name = workdir_name(run.variant, run.nm, run.seed, setting)
+    out.append(dataclasses.replace(run, name=name, setting=setting, overrides=run.overrides + (f'total_steps={best}',),
+                                   workdir=os.path.join(os.path.dirname(run.workdir), name)))
+  return out
+
+
 # ----------------------------------------------------------------------------- state on disk
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -468,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--out', help='File for --mode=write.')
   p.add_argument('--python', default=None,
                  help='Python for the commands (default: this interpreter for run, "python" otherwise).')
+  p.add_argument('--match_flops', default=None, metavar='VARIANT',
+                 help='Run each recipe for the steps at which its training FLOPs equal VARIANT\'s run of the '
+                      'same cell (e.g. srste against mdgf-exp); the step count is derived, see match_flops().')
   p.add_argument('--dry_run', action='store_true', help='Show the plan; write and run nothing.')
   p.add_argument('--novalidate', action='store_true',
                  help='Skip building every config before starting (saves a few seconds).')
@@ -491,6 +564,8 @@ def main(argv: Optional[Sequence[str]] = None, *, runner: Runner = subprocess_ru
                      args.extra, args.set)
     if not args.novalidate:
       validate(runs)
+    if args.match_flops:
+      runs = match_flops(runs, args.match_flops, args.extra, args.set)
     manifest = merge_manifest(load_manifest(args.root), runs)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)

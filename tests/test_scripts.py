@@ -438,3 +438,24 @@ def test_legend_labels_leave_out_a_setting_every_curve_shares():
   mixed = [('srste', 'epochs1'), ('srste', 'epochs5')]
   assert tables.common_setting(mixed) is None
   assert [tables.row_label(r, None) for r in mixed] == ['SR-STE [epochs1]', 'SR-STE [epochs5]']
+
+
+def test_match_flops_gives_the_length_of_equal_training_flops(tmp_path):
+  # SR-STE prunes the forward after a 10 % dense warm-up, MDGF-exponential keeps most of it dense:
+  # at equal training FLOPs SR-STE trains longer. The chosen length is the best integer: one step
+  # more or less moves its FLOPs further from MDGF's 20-step run.
+  runs = sweep.make_runs(VIT, ['srste', 'dense'], ['1:16'], [0], str(tmp_path), extra='runlocal=True')
+  with pytest.raises(ValueError, match='dense_s0_runlocalTrue is dense'):
+    sweep.match_flops(runs, 'mdgf-exp', 'runlocal=True')
+  (run,) = sweep.match_flops(runs[:1], 'mdgf-exp', 'runlocal=True')
+  assert run.name == 'srste_nm1x16_s0_runlocalTrue_flops_of_mdgf-exp' and run.workdir.endswith(run.name)
+  steps = int(run.overrides[-1].removeprefix('total_steps='))
+  config = sweep.build_config(run)
+  assert config.total_steps == steps > 20
+  ref = sweep.build_config(sweep.make_runs(VIT, ['mdgf-exp'], ['1:16'], [0], str(tmp_path), extra='runlocal=True')[0])
+  target = tables.run_flops(ref.to_dict(), 20)['train_flops']
+  flops = {s: tables.run_flops(config.to_dict(), s)['train_flops'] for s in (steps - 1, steps, steps + 1)}
+  assert abs(flops[steps] - target) <= min(abs(flops[steps - 1] - target), abs(flops[steps + 1] - target))
+  assert abs(flops[steps] / target - 1) < 0.05
+  with pytest.raises(ValueError, match='STEP'):
+    sweep.match_flops(runs[:1], 'step', 'runlocal=True')
