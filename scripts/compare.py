@@ -154,6 +154,19 @@ def gap_figure(found: Sequence[dict], path: str, xlabel: str, unit: str = 'point
   return path
 
 
+def markdown(found: Sequence[dict], unit: str = 'points') -> str:
+  """The comparisons as one Markdown table."""
+  rows = []
+  for c in found:
+    ci = '-' if c['std'] is None else f'[{c["low"]:+.2f}, {c["high"]:+.2f}]'
+    verdict = '**shown**' if c['shown'] else 'not shown'
+    std = '' if c['std'] is None else f' ± {c["std"]:.2f}'
+    rows.append([f'{c["a"]} - {c["b"]}', c['nm'] or 'dense', c['setting'], f'{c["mean"]:+.2f}{std}', ci,
+                 f'{c["positive"]} of {c["n"]}', verdict])
+  return tables.md_table(['pair', 'N:M', 'setting', f'difference ({unit})', '95 % CI (paired t)',
+                          'seeds positive', 'verdict'], rows)
+
+
 def describe(c: dict, unit: str = 'points') -> str:
   diffs = ', '.join(f'{d:+.2f}' for d in c['diffs'])
   if c['std'] is None:
@@ -177,6 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ap.add_argument('--x', default='total_epochs', help='--figure: the config key that measures length.')
   ap.add_argument('--metric', default=None, help='A key of final_metrics.json (default: the task\'s).')
   ap.add_argument('--json', default=None, help='Also write the comparisons here.')
+  ap.add_argument('--markdown', action='store_true', help='Print one Markdown table instead of a line per cell.')
   args = ap.parse_args(argv)
   records = tables.collect(args.root)
   task = next((r.config or {}).get('task') for r in records if r.config)
@@ -191,8 +205,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if not found:
     print(f'no finished seeds of both {args.a} and {args.b} in {args.root}', file=sys.stderr)
     return 1
-  for c in found:
-    print(describe(c))
+  if args.markdown:
+    print(markdown(found))
+  else:
+    for c in found:
+      print(describe(c))
   if args.figure:
     print('wrote', gap_figure(found, args.figure, xlabel=args.x.replace('_', ' ')))
   if args.json:

@@ -80,3 +80,12 @@ def test_cells_against_dense_and_across_settings():
   # A in one setting against B in another: SR-STE at 5 epochs minus MDGF at 1 epoch, seeds 0 and 1.
   found = compare.cells(rs, metric, 'srste', 'mdgf-exp', 'epochs5', None, setting_b='epochs1')
   assert found[0]['setting'] == 'epochs5 vs epochs1' and found[0]['diffs'] == pytest.approx([4.0, 3.0])
+
+
+def test_markdown_table_by_hand():
+  from scripts import tables
+  metric = tables.choose_metric('classification')
+  found = compare.cells(_grid(), metric, 'mdgf-exp', 'srste', 'epochs1', None)
+  text = compare.markdown(found)
+  # Differences 1, 2, 3: mean 2, std 1, half-width 4.303 / sqrt(3) = 2.48 -> [-0.48, +4.48].
+  assert '| mdgf-exp - srste | 1:16 | epochs1 | +2.00 ± 1.00 | [-0.48, +4.48] | 3 of 3 | not shown |' in text
