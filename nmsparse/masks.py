@@ -241,9 +241,13 @@ def _keep_tpu(g: jax.Array, n: int, m: int) -> jax.Array:
 
 
 def _keep_gpu(g: jax.Array, n: int, m: int) -> jax.Array:
-  if m <= 8 or (m <= 32 and min(n, m - n) >= 2):
-    # One fused pass: each argmax pass reads the kernel again (8:16: 6.5x -> 0.62x).
+  if m <= 8:
     return _pairwise_keep(g, n, m)
+  if m <= 32 and min(n, m - n) >= 2:
+    # One fused pass where each argmax pass would read the kernel again (8:16: 6.5x an elementwise
+    # pass -> 0.62x up to 4M-entry kernels, 2.1x at 4096 x 4096). The broadcast form is O(M)
+    # instructions; the strided slices, O(M^2), made SDGF steps compile 5-9x slower.
+    return _pairwise_keep_broadcast(g, n, m)
   return _keep_passes_or_sort(g, n, m)
 
 
