@@ -88,20 +88,22 @@ def figure(found: Sequence[dict], path: str) -> str:
   plt = figures._pyplot()  # pylint: disable=protected-access
   fig, ax = plt.subplots(figsize=(7, 4.2))
   cmap = plt.get_cmap('tab10')
-  settings = {f['setting'] for f in found}
-  for i, f in enumerate(x for x in found if x['curve']):
-    c = cmap(i % 10)
+  settings = sorted({f['setting'] for f in found})
+  seeds = sorted({f['seed'] for f in found})
+  for f in (x for x in found if x['curve']):
+    c = cmap(settings.index(f['setting']) % 10)  # A colour per setting, a line style per seed.
     steps, z = zip(*f['curve'])
-    label = f'{f["nm"]}, seed {f["seed"]}, T_min {f["t_min"]}' + (f' [{f["setting"]}]' if len(settings) > 1 else '')
-    ax.plot([k / f['total'] for k in steps], z, color=c, label=label)
+    label = f'{f["nm"]}, {f["total"]} steps, T_min {f["t_min"]}, seed {f["seed"]}'
+    ax.plot([k / f['total'] for k in steps], z, color=c, label=label,
+            ls=['-', '--', ':', '-.'][seeds.index(f['seed']) % 4])
     ax.axhline(f['threshold'], color=c, lw=0.7, ls=':')
     if f['switch'] is not None:
-      ax.axvline(f['switch'] / f['total'], color=c, lw=0.7, ls='--')
+      ax.axvline(f['switch'] / f['total'], color=c, lw=0.7, alpha=0.5)
   ax.set_yscale('log')
   ax.set_xlabel('fraction of the run')
   ax.set_ylabel('AutoSwitch window mean Zbar (mean |dv|)')
-  ax.set_title('Zbar until the switch (dashed line; lines of equal steps overlap); threshold (dotted)',
-               fontsize=9)
+  ax.set_title('Zbar until the switch (thin vertical line); threshold (dotted). Runs that train alike\n'
+               'until an earlier switch lie under the longer curve.', fontsize=9)
   ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
