@@ -222,22 +222,26 @@ def make_runs(config_file: str, variants: Sequence[str], nms: Sequence[str], see
   return runs
 
 
+def _load_config_module(config_file: str, cache: dict):
+  path = config_file if os.path.isabs(config_file) else os.path.join(REPO, config_file)
+  if path not in cache:
+    if not os.path.isfile(path):
+      raise ValueError(f'Config file {config_file!r} not found (looked at {path}).')
+    spec = importlib.util.spec_from_file_location(f'_sweep_config_{len(cache)}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cache[path] = module
+  return cache[path]
+
+
 def validate(runs: Sequence[Run]) -> None:
   """Builds every run's config (config file + argument string) and checks that overrides exist."""
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
   cache = {}
   for run in runs:
-    path = run.config_file if os.path.isabs(run.config_file) else os.path.join(REPO, run.config_file)
-    if path not in cache:
-      if not os.path.isfile(path):
-        raise ValueError(f'Config file {run.config_file!r} not found (looked at {path}).')
-      spec = importlib.util.spec_from_file_location(f'_sweep_config_{len(cache)}', path)
-      module = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(module)
-      cache[path] = module
     try:
-      config = cache[path].get_config(run.arg)
+      config = _load_config_module(run.config_file, cache).get_config(run.arg)
     except (ValueError, TypeError, KeyError) as e:
       raise ValueError(f'{run.name}: {run.config_file}:{run.arg} is not a valid config: {e}') from None
     for item in run.overrides:
@@ -247,16 +251,6 @@ def validate(runs: Sequence[Run]) -> None:
           raise ValueError(f'{run.name}: --set config.{item}: {run.config_file} has no key '
                            f'{".".join(keys)!r}.')
         node = node[k]
-
-
-def _load_config_module(config_file: str, cache: dict):
-  path = config_file if os.path.isabs(config_file) else os.path.join(REPO, config_file)
-  if path not in cache:
-    spec = importlib.util.spec_from_file_location(f'_sweep_config_{len(cache)}', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cache[path] = module
-  return cache[path]
 
 
 def build_config(run: Run, cache: Optional[dict] = None):
