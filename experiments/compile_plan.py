@@ -448,7 +448,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, topologies: list[str],
   summary = {}
   for topology in topologies:
     out = plan(config, topology, programs=tuple(programs), hlo_dir=workdir)
-    out['code'] = environment.git_state()  # Which nmsparse compiled it: a cell is redone when code changes.
+    out['code'] = environment.git_state()  # Which nmsparse commit compiled it (and whether dirty).
     print(describe(out), flush=True)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, f'compile_{topology.replace(":", "_")}.json'), 'w') as f:

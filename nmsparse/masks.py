@@ -114,8 +114,9 @@ def _pairwise_keep(a: jax.Array, n: int, m: int) -> jax.Array:
 def _pairwise_keep_broadcast(a: jax.Array, n: int, m: int) -> jax.Array:
   """The same rank as :func:`_pairwise_keep`, one broadcast compare per group member.
 
-  One fused loop over the grouped array: on CPU 2.2x faster than the strided slices at 2:4,
-  on TPU and GPU 1.5-5x more HBM traffic (the small group axis is tiled there).
+  One fused loop over the grouped array and O(M) instructions: on CPU 2.2x faster than the
+  strided slices at 2:4; on TPU and GPU it moves more bytes for M <= 8 (the small group axis
+  is tiled there), but for M = 16 or 32 on GPU it is one pass where argmax passes are several.
   """
   idx = lax.broadcasted_iota(jnp.int32, (1, 1, m) + (1,) * (a.ndim - 3), 2)
   rank = jnp.zeros(a.shape, jnp.int32)
@@ -206,8 +207,9 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: Axes = 0) -> jax.Array:
   row-major order before grouping (``DenseGeneral`` output projections).
 
   The algorithm is chosen per (N, M) and platform (``lax.platform_dependent``) for speed: a
-  pairwise rank in one fused pass for small groups (on GPU also for several kept of 16 or 32), min(N, M - N) argmax passes otherwise (two-level reductions past M = 16), a
-  stable sort past 8 passes. Every algorithm gives the same mask. NaN counts as
+  pairwise rank in one fused pass for small groups (on GPU also for several kept of 16 or
+  32), min(N, M - N) argmax passes otherwise (two-level reductions past M = 16), a stable
+  sort past 8 passes. Every algorithm gives the same mask. NaN counts as
   the largest magnitude, so every group still keeps exactly N entries.
   """
   axes = check_nm(w.shape, n, m, axis)
@@ -225,15 +227,19 @@ def nm_mask(w: jax.Array, n: int, m: int, axis: Axes = 0) -> jax.Array:
 # (v5e) and GPU (H100) HBM bytes of the compiled mask, from its optimised HLO. All give one mask.
 
 
+def _small_group(n: int, m: int) -> bool:
+  """Groups where a pairwise rank beats argmax passes on CPU and TPU: M <= 4, or 3+ passes of 8."""
+  return m <= 4 or (m <= 8 and min(n, m - n) >= 3)
+
+
 def _keep_cpu(g: jax.Array, n: int, m: int) -> jax.Array:
-  passes = min(n, m - n)
-  if m <= 4 or (m <= 8 and passes >= 3):
-    return _pairwise_keep_broadcast(g, n, m)  # 2:4 in 1.1x the time of 1:16 (strided: 2.5x).
+  if _small_group(n, m):
+    return _pairwise_keep_broadcast(g, n, m)  # 2:4 in 1.1-1.5x the time of 1:16 (strided: 2.5x).
   return _keep_passes_or_sort(g, n, m)
 
 
 def _keep_tpu(g: jax.Array, n: int, m: int) -> jax.Array:
-  if m <= 4 or (m <= 8 and min(n, m - n) >= 3):
+  if _small_group(n, m):
     return _pairwise_keep(g, n, m)  # One fused pass (1:4 by argmax: 2.7x an elementwise pass, now 1.7x).
   # Else argmax passes: in a train step XLA stages the kernel on chip for them, and XLA's own
   # byte count (its roofline) prices the pairwise rank's M slices 5-15x higher (1:8, 8:16).

@@ -203,6 +203,16 @@ def _flatten(d: Mapping, prefix: str = '') -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- recipe
 
+def step_bounds(step: dict, total_steps: int) -> tuple[int, Optional[int]]:
+  """STEP's AutoSwitch bounds ``(T_min, T_max)`` in steps from its config (``recipe.step``):
+  the ``*_steps`` fields when set, else the fractions of the run; ``T_max`` None: no bound."""
+  t_min = step['t_min_steps'] if step['t_min_steps'] is not None else float(step['t_min'])
+  t_max = step['t_max_steps'] if step['t_max_steps'] is not None else step['t_max']
+  t_min = schedules.to_steps(t_min, total_steps, 'step.t_min')
+  t_max = None if t_max is None else schedules.to_steps(t_max, total_steps, 'step.t_max')
+  return t_min, t_max
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """A validated recipe: the config with durations turned into steps for one run length."""
@@ -242,10 +252,7 @@ class Recipe:
         raise ValueError('SDGF needs a sparse phase of at least one step.')
     if name == 'step':
       s = c['step']
-      t_min = s['t_min_steps'] if s['t_min_steps'] is not None else float(s['t_min'])
-      t_max = s['t_max_steps'] if s['t_max_steps'] is not None else s['t_max']
-      t_min = schedules.to_steps(t_min, total_steps, 'step.t_min')
-      t_max = None if t_max is None else schedules.to_steps(t_max, total_steps, 'step.t_max')
+      t_min, t_max = step_bounds(s, total_steps)
       step_kwargs = dict(t_min=t_min, t_max=t_max, threshold=s['threshold'], window=s['window'],
                          statistic=s['statistic'], scale_free=s['scale_free'],
                          frozen_eps=s['frozen_eps'])

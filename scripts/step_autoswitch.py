@@ -24,7 +24,7 @@ from typing import Optional
 if __package__ in (None, ''):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from nmsparse import schedules  # pylint: disable=g-import-not-at-top
+from nmsparse import recipes  # pylint: disable=g-import-not-at-top
 from scripts import sweep, tables  # pylint: disable=g-import-not-at-top
 
 
@@ -39,11 +39,7 @@ def analyse(record: tables.Record, metric: tables.Metric) -> dict:
   if not total:
     raise ValueError(f'{record.name}: no step count in final_metrics.json or config (unfinished run?).')
   s = record.config['sparsity']['recipe']['step']
-  t_min = schedules.to_steps(s['t_min_steps'] if s['t_min_steps'] is not None else float(s['t_min']),
-                             total, 'step.t_min')
-  t_max = s['t_max_steps'] if s['t_max_steps'] is not None else s['t_max']
-  t_max = None if t_max is None else schedules.to_steps(t_max if isinstance(t_max, int) else float(t_max),
-                                                         total, 'step.t_max')
+  t_min, t_max = recipes.step_bounds(s, total)
   logged = [r for r in rows if 'switch_step' in r or 'sparsity/switch_step' in r]
   switch, exact, zbar_before = None, False, None
   for r in logged:
