@@ -6,6 +6,7 @@ r"""Launches a grid of runs (recipe variant x N:M x seed) of one config, each in
     python -m scripts.sweep ... --mode write --out jobs.sh  # the same commands into a file
     python -m scripts.sweep ... --dry_run                   # the plan only: nothing written or run
     python -m scripts.sweep ... --recipes srste --match_flops mdgf-exp   # SR-STE at MDGF's training FLOPs
+    python -m scripts.sweep --config configs/t5_bible.py ... --init_from results/sweeps/t5_text  # fine-tune each
 
 Workdirs are ``ROOT/<variant>_nm<N>x<M>_s<seed>[_<setting>]``; dense runs have no N:M
 (``dense_s<seed>``, one per seed whatever ``--nm``); ``<setting>`` names the ``--extra`` and
@@ -312,6 +313,45 @@ def match_flops(runs: Sequence[Run], reference: str, extra: str = '', overrides:
   return out
 
 
+def init_from_runs(runs: Sequence[Run], source_root: str, source_setting: Optional[str] = None) -> list[Run]:
+  """Each run fine-tuned from its own pretrained run: the same variant, N:M and seed in ``source_root``.
+
+  The run gets ``init_from.path`` = that run's workdir (its final checkpoint's params; see
+  experiments/init_from.py) and the setting suffix ``from_<source root's folder name>``, so dense
+  fine-tunes dense, SR-STE fine-tunes the SR-STE model with SR-STE, and runs stay paired by seed.
+  The source run must be finished: a partly trained one would hand over weights of another length.
+  ``source_setting`` picks among several settings of the source root (an error lists them).
+  """
+  manifest = load_manifest(source_root)['runs']
+  if not manifest:
+    raise ValueError(f'--init_from {source_root}: no sweep manifest there; give the root of the pretraining sweep.')
+  tag = 'from_' + re.sub(r'[^A-Za-z0-9]+', '-', os.path.basename(os.path.normpath(source_root)))
+  out = []
+  for run in runs:
+    cands = [r for r in manifest.values()
+             if (r['variant'], r.get('nm'), r['seed']) == (run.variant, run.nm, run.seed)
+             and (source_setting is None or r.get('setting', '') == source_setting)]
+    if not cands:
+      raise ValueError(f'--init_from: {source_root} has no run of {run.variant} {run.nm or ""} seed {run.seed}'
+                       f'{f" with setting {source_setting!r}" if source_setting is not None else ""}; '
+                       'pretrain it first (the same --recipes/--nm/--seeds there).')
+    if len(cands) > 1:
+      settings = sorted(repr(r.get('setting', '')) for r in cands)
+      raise ValueError(f'--init_from: {source_root} has {len(cands)} runs of {run.variant} {run.nm or ""} seed '
+                       f'{run.seed} (settings {", ".join(settings)}); pick one with --init_setting.')
+    source = cands[0]['workdir']
+    path = source if os.path.isabs(source) else os.path.join(REPO, source)
+    if workdir_state(path) != 'finished':
+      raise ValueError(f'--init_from: pretraining run {cands[0]["name"]} is {workdir_state(path)}, not finished '
+                       f'({path}); finish it first (rerun its sweep command).')
+    setting = '_'.join(p for p in (run.setting, tag) if p)
+    name = workdir_name(run.variant, run.nm, run.seed, setting)
+    out.append(dataclasses.replace(run, name=name, setting=setting,
+                                   overrides=run.overrides + (f'init_from.path={source}',),
+                                   workdir=os.path.join(os.path.dirname(run.workdir), name)))
+  return out
+
+
 # ----------------------------------------------------------------------------- state on disk
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -535,6 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--match_flops', default=None, metavar='VARIANT',
                  help='Run each recipe for the steps at which its training FLOPs equal VARIANT\'s run of the '
                       'same cell (e.g. srste against mdgf-exp); the step count is derived, see match_flops().')
+  p.add_argument('--init_from', default=None, metavar='ROOT',
+                 help='Fine-tune: start each run from the finished run of the same recipe, N:M and seed in '
+                      'the sweep ROOT (e.g. a pretraining sweep); see init_from_runs().')
+  p.add_argument('--init_setting', default=None,
+                 help='--init_from: the setting of the source runs when ROOT holds several.')
   p.add_argument('--dry_run', action='store_true', help='Show the plan; write and run nothing.')
   p.add_argument('--novalidate', action='store_true',
                  help='Skip building every config before starting (saves a few seconds).')
@@ -560,6 +605,8 @@ def main(argv: Optional[Sequence[str]] = None, *, runner: Runner = subprocess_ru
       validate(runs)
     if args.match_flops:
       runs = match_flops(runs, args.match_flops, args.extra, args.set)
+    if args.init_from:
+      runs = init_from_runs(runs, args.init_from, args.init_setting)
     manifest = merge_manifest(load_manifest(args.root), runs)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)

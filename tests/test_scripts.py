@@ -459,3 +459,31 @@ def test_match_flops_gives_the_length_of_equal_training_flops(tmp_path):
   assert abs(flops[steps] / target - 1) < 0.05
   with pytest.raises(ValueError, match='STEP'):
     sweep.match_flops(runs[:1], 'step', 'runlocal=True')
+
+
+def test_init_from_pairs_each_run_with_its_own_finished_pretraining_run(tmp_path):
+  pre = str(tmp_path / 'pre')
+  source = sweep.make_runs(VIT, ['dense', 'srste'], ['1:16'], [0, 1], pre, extra='epochs=1')
+  write_manifest(pre, source)
+  for run in source:
+    write_run(sweep.run_path(run), final={'accuracy': 0.5} if run.seed == 0 else None, checkpoints=[3])
+  fine = sweep.make_runs(VIT, ['dense', 'srste'], ['1:16'], [0], str(tmp_path / 'ft'), extra='epochs=2')
+  out = sweep.init_from_runs(fine, pre)
+  assert [r.name for r in out] == ['dense_s0_epochs2_from_pre', 'srste_nm1x16_s0_epochs2_from_pre']
+  # Each run loads its own recipe's and seed's model, not another's.
+  assert out[1].overrides[-1] == f'init_from.path={source[1].workdir}' and source[1].name == 'srste_nm1x16_s0_epochs1'
+  assert out[0].overrides[-1].endswith('/dense_s0_epochs1')
+  assert sweep.build_config(out[1]).init_from.path == source[1].workdir
+  # Seed 1's pretraining has checkpoints but no final metrics: refused, not loaded half-trained.
+  seed1 = sweep.make_runs(VIT, ['srste'], ['1:16'], [1], str(tmp_path / 'ft'), extra='epochs=2')
+  with pytest.raises(ValueError, match='srste_nm1x16_s1_epochs1 is interrupted, not finished'):
+    sweep.init_from_runs(seed1, pre)
+  with pytest.raises(ValueError, match='no run of srste 1:32 seed 0'):
+    sweep.init_from_runs(sweep.make_runs(VIT, ['srste'], ['1:32'], [0], str(tmp_path / 'ft')), pre)
+  # Two settings of the same cell in the source: ambiguous until --init_setting names one.
+  write_manifest(pre, sweep.make_runs(VIT, ['srste'], ['1:16'], [0], pre, extra='epochs=3'))
+  with pytest.raises(ValueError, match="settings 'epochs1', 'epochs3'.*--init_setting"):
+    sweep.init_from_runs(fine[1:], pre)
+  assert sweep.init_from_runs(fine[1:], pre, 'epochs1')[0].overrides == out[1].overrides
+  with pytest.raises(ValueError, match='no sweep manifest'):
+    sweep.init_from_runs(fine, str(tmp_path / 'nowhere'))
