@@ -343,7 +343,7 @@ def init_from_runs(runs: Sequence[Run], source_root: str, source_setting: Option
     path = source if os.path.isabs(source) else os.path.join(REPO, source)
     if workdir_state(path) != 'finished':
       raise ValueError(f'--init_from: pretraining run {cands[0]["name"]} is {workdir_state(path)}, not finished '
-                       f'({path}); finish it first (rerun its sweep command).')
+                       f'({path}); wait for it or finish it first (rerun its sweep command).')
     setting = '_'.join(p for p in (run.setting, tag) if p)
     name = workdir_name(run.variant, run.nm, run.seed, setting)
     out.append(dataclasses.replace(run, name=name, setting=setting,

@@ -476,7 +476,7 @@ def test_init_from_pairs_each_run_with_its_own_finished_pretraining_run(tmp_path
   assert sweep.build_config(out[1]).init_from.path == source[1].workdir
   # Seed 1's pretraining has checkpoints but no final metrics: refused, not loaded half-trained.
   seed1 = sweep.make_runs(VIT, ['srste'], ['1:16'], [1], str(tmp_path / 'ft'), extra='epochs=2')
-  with pytest.raises(ValueError, match='srste_nm1x16_s1_epochs1 is interrupted, not finished'):
+  with pytest.raises(ValueError, match='srste_nm1x16_s1_epochs1 is interrupted, not finished.*wait for it'):
     sweep.init_from_runs(seed1, pre)
   with pytest.raises(ValueError, match='no run of srste 1:32 seed 0'):
     sweep.init_from_runs(sweep.make_runs(VIT, ['srste'], ['1:32'], [0], str(tmp_path / 'ft')), pre)
