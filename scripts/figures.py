@@ -277,7 +277,7 @@ def make_figures(records: Sequence[tables.Record], out_dir: str, metric: Optiona
   for section, recs in tables.sections(records).items():
     task = next((r.config.get('task') for r in recs if r.config), None)
     m = tables.choose_metric(task, metric)
-    title = next((tables.describe(r.config) for r in recs if r.config), section)
+    title = tables.describe_runs(recs, section)
     base = os.path.join(out_dir, slug(section))
     paths.append(fig_metric_vs_sparsity(title, recs, m, f'{base}_metric_vs_sparsity.png'))
     for nm in sorted({r.nm for r in recs if r.nm}, key=tables.nm_sort_key):

@@ -104,6 +104,16 @@ def describe(config: Optional[dict]) -> str:
           f'({config.get("task", "?")})').replace('  ', ' ')
 
 
+def describe_runs(records: Sequence['Record'], fallback: str) -> str:
+  """``describe`` of a section's runs; several model variants are all named (``t5 mini, tiny on ...``)."""
+  configs = [r.config for r in records if r.config]
+  if not configs:
+    return fallback
+  variants = list(dict.fromkeys(str((c.get('model') or {}).get('variant', '')) for c in configs))
+  first = dict(configs[0], model=dict(configs[0].get('model') or {}, variant=', '.join(variants)))
+  return describe(first)
+
+
 def run_state(workdir: str, attempt: Optional[dict]) -> tuple[str, str]:
   """``(state, detail)`` of a run from its workdir and its latest sweep attempt."""
   state = sweep.workdir_state(workdir)
@@ -545,7 +555,7 @@ def render(records: Sequence[Record], *, metric: Optional[str] = None, with_flop
   for section, recs in sections(records).items():
     task = next((r.config.get('task') for r in recs if r.config), None)
     m = choose_metric(task, metric)
-    desc = next((describe(r.config) for r in recs if r.config), section)
+    desc = describe_runs(recs, section)
     title = desc if desc == section else f'{desc} — {section}'
     flops = flops_for(recs, cache) if with_flops else None
     text, rows = render_section(title, recs, m, flops, tolerance, digits)

@@ -487,3 +487,11 @@ def test_init_from_pairs_each_run_with_its_own_finished_pretraining_run(tmp_path
   assert sweep.init_from_runs(fine[1:], pre, 'epochs1')[0].overrides == out[1].overrides
   with pytest.raises(ValueError, match='no sweep manifest'):
     sweep.init_from_runs(fine, str(tmp_path / 'nowhere'))
+
+
+def test_a_section_of_several_model_variants_names_them_all():
+  rec = lambda variant: types.SimpleNamespace(config=dict(fake_config(), model={'name': 'vit', 'variant': variant}))
+  assert tables.describe_runs([rec('mu/7')], 'x') == 'vit mu/7 on fake_data (classification)'
+  assert tables.describe_runs([rec('mu/7'), rec('tiny/7'), rec('mu/7')], 'x') == \
+      'vit mu/7, tiny/7 on fake_data (classification)'
+  assert tables.describe_runs([types.SimpleNamespace(config=None)], 'fallback') == 'fallback'
