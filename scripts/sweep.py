@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import hashlib
 import importlib.util
 import json
@@ -421,6 +422,17 @@ def merge_manifest(manifest: dict[str, Any], runs: Sequence[Run]) -> dict[str, A
   return out
 
 
+def update_manifest(root: str, runs: Sequence[Run]) -> dict[str, Any]:
+  """Adds ``runs`` to ``ROOT/manifest.json`` under a file lock, re-reading it there, so that two sweeps
+  started side by side into one root both keep their runs; returns the written manifest."""
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, '.manifest.lock'), 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    manifest = merge_manifest(load_manifest(root), runs)
+    write_json(os.path.join(root, MANIFEST), manifest)
+  return manifest
+
+
 def write_json(path: str, data: Any) -> None:
   """Writes JSON atomically (a temporary file renamed over ``path``)."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -607,7 +619,7 @@ def main(argv: Optional[Sequence[str]] = None, *, runner: Runner = subprocess_ru
       runs = match_flops(runs, args.match_flops, args.extra, args.set)
     if args.init_from:
       runs = init_from_runs(runs, args.init_from, args.init_setting)
-    manifest = merge_manifest(load_manifest(args.root), runs)
+    merge_manifest(load_manifest(args.root), runs)  # A name clash stops here, before anything is written.
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -619,7 +631,11 @@ def main(argv: Optional[Sequence[str]] = None, *, runner: Runner = subprocess_ru
       print(f'{run.name:40s} {state:12s} {run.command(python)}', file=out)
     print(f'dry run: {len(todo)} of {len(runs)} runs pending; nothing written or run.', file=out)
     return 0
-  write_json(os.path.join(args.root, MANIFEST), manifest)
+  try:
+    update_manifest(args.root, runs)  # Re-read under a lock: another sweep may have written meanwhile.
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   if args.mode == 'print':
     for run in todo:
       print(run.command(python), file=out)

@@ -495,3 +495,17 @@ def test_a_section_of_several_model_variants_names_them_all():
   assert tables.describe_runs([rec('mu/7'), rec('tiny/7'), rec('mu/7')], 'x') == \
       'vit mu/7, tiny/7 on fake_data (classification)'
   assert tables.describe_runs([types.SimpleNamespace(config=None)], 'fallback') == 'fallback'
+
+
+def test_manifest_update_rereads_the_file_so_side_by_side_sweeps_keep_both(tmp_path):
+  root = str(tmp_path)
+  a = sweep.make_runs(VIT, ['srste'], ['1:16'], [0], root)
+  b = sweep.make_runs(VIT, ['mdgf-exp'], ['1:16'], [0], root)
+  stale = sweep.load_manifest(root)  # What sweep B read before sweep A wrote.
+  sweep.update_manifest(root, a)
+  sweep.merge_manifest(stale, b)     # B's early check passes on its stale copy...
+  sweep.update_manifest(root, b)     # ...and its write keeps A's run.
+  assert sorted(sweep.load_manifest(root)['runs']) == ['mdgf-exp_nm1x16_s0', 'srste_nm1x16_s0']
+  clash = [dataclasses.replace(a[0], arg=a[0].arg + ',epochs=2')]
+  with pytest.raises(ValueError, match='already in the manifest with another command'):
+    sweep.update_manifest(root, clash)
