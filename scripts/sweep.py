@@ -50,6 +50,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFEST = 'manifest.json'
 ATTEMPTS = 'runs.jsonl'
 FINAL = 'final_metrics.json'
+RUN_LOCK = '.sweep.lock'  # In each workdir, locked while a sweep runs it.
 
 # Variant name -> config arguments it sets. Plain recipe names keep the config's defaults.
 RECIPES = ('dense', 'oneshot', 'hard', 'ste', 'srste', 'mdgf', 'sdgf', 'mdgf_sdgf', 'step')
@@ -497,6 +498,9 @@ def execute(runs: Sequence[Run], root: str, *, runner: Runner = subprocess_runne
   Each attempt is appended to ``ROOT/runs.jsonl`` as it ends: name, command, start, wall time,
   exit status and ``status``: ``ok`` (final_metrics.json written), ``failed`` (non-zero exit),
   ``incomplete`` (exit 0 without final metrics, e.g. stopped by a signal) or ``stopped`` (Ctrl-C).
+  A run whose workdir another sweep process holds locked is skipped (record ``busy``, not appended),
+  and one finished meanwhile is skipped too: sweeps side by side on overlapping grids never run a
+  run twice at once.
   """
   todo = pending(runs)
   finished = len(runs) - len(todo)
@@ -506,37 +510,21 @@ def execute(runs: Sequence[Run], root: str, *, runner: Runner = subprocess_runne
   records: list[dict] = []
   for i, run in enumerate(todo):
     workdir = run_path(run)
-    steps = checkpoint_steps(workdir)
-    argv = run.argv(python)
-    start_note = f'resume from step {steps[-1]}' if steps else 'start'
-    print(f'[{i + 1}/{len(todo)}] {run.name}: {start_note} | ETA {_eta(records, len(todo) - i)}',
-          file=out, flush=True)
-    start = clock()
-    record = dict(name=run.name, command=shlex.join(argv), start=start,
-                  resumed_from_step=steps[-1] if steps else None)
+    os.makedirs(workdir, exist_ok=True)
+    lock = open(os.path.join(workdir, RUN_LOCK), 'w')  # Held while the run runs: one sweep per run.
     try:
-      code = runner(argv, cwd=REPO, log_path=os.path.join(root, 'logs', f'{run.name}.log'))
-    except KeyboardInterrupt:
-      record.update(end=clock(), returncode=None, status='stopped')
-      record['wall_time_s'] = record['end'] - start
-      _append(root, record)
-      records.append(record)
-      print(f'[{i + 1}/{len(todo)}] {run.name}: stopped by Ctrl-C after '
-            f'{fmt_duration(record["wall_time_s"])}; rerun the same sweep command to resume.',
-            file=out, flush=True)
-      raise
-    end = clock()
-    ok = os.path.isfile(os.path.join(workdir, FINAL))
-    status = 'failed' if code != 0 else ('ok' if ok else 'incomplete')
-    record.update(end=end, wall_time_s=end - start, returncode=code, status=status)
-    _append(root, record)
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.close()
+      records.append(dict(name=run.name, status='busy', returncode=None, wall_time_s=0.0))
+      print(f'[{i + 1}/{len(todo)}] {run.name}: skipped, another sweep process is running it', file=out, flush=True)
+      continue
+    with lock:
+      if workdir_state(workdir) == 'finished':  # Finished by another sweep since this one started.
+        print(f'[{i + 1}/{len(todo)}] {run.name}: finished meanwhile (skipped)', file=out, flush=True)
+        continue
+      record = _run_one(run, i, len(todo), root, records, runner=runner, python=python, clock=clock, out=out)
     records.append(record)
-    left = len(todo) - i - 1
-    n_ok = sum(r['status'] == 'ok' for r in records)
-    note = '' if status == 'ok' else f' (exit {code}; log {os.path.join(root, "logs", run.name + ".log")})'
-    print(f'[{i + 1}/{len(todo)}] {run.name}: {status} in {fmt_duration(end - start)}{note} | '
-          f'{n_ok} ok, {len(records) - n_ok} not, {left} left, ETA {_eta(records, left)}',
-          file=out, flush=True)
   bad = [r for r in records if r['status'] != 'ok']
   if bad:
     print(f'{len(bad)} run(s) did not finish: ' +
@@ -544,6 +532,41 @@ def execute(runs: Sequence[Run], root: str, *, runner: Runner = subprocess_runne
   elif todo:
     print(f'all {len(todo)} run(s) finished.', file=out)
   return records
+
+
+def _run_one(run: Run, i: int, n: int, root: str, records: list[dict], *, runner: Runner, python: str,
+             clock: Callable[[], float], out: TextIO) -> dict:
+  """Runs one pending run (its workdir locked by the caller) and returns its attempt's record, also
+  appended to ``ROOT/runs.jsonl``; ``records`` are the sweep's earlier attempts (for the ETA)."""
+  workdir = run_path(run)
+  steps = checkpoint_steps(workdir)
+  argv = run.argv(python)
+  start_note = f'resume from step {steps[-1]}' if steps else 'start'
+  print(f'[{i + 1}/{n}] {run.name}: {start_note} | ETA {_eta(records, n - i)}', file=out, flush=True)
+  start = clock()
+  record = dict(name=run.name, command=shlex.join(argv), start=start,
+                resumed_from_step=steps[-1] if steps else None)
+  try:
+    code = runner(argv, cwd=REPO, log_path=os.path.join(root, 'logs', f'{run.name}.log'))
+  except KeyboardInterrupt:
+    record.update(end=clock(), returncode=None, status='stopped')
+    record['wall_time_s'] = record['end'] - start
+    _append(root, record)
+    print(f'[{i + 1}/{n}] {run.name}: stopped by Ctrl-C after {fmt_duration(record["wall_time_s"])}; '
+          'rerun the same sweep command to resume.', file=out, flush=True)
+    raise
+  end = clock()
+  ok = os.path.isfile(os.path.join(workdir, FINAL))
+  status = 'failed' if code != 0 else ('ok' if ok else 'incomplete')
+  record.update(end=end, wall_time_s=end - start, returncode=code, status=status)
+  _append(root, record)
+  done = records + [record]
+  left = n - i - 1
+  n_ok = sum(r['status'] == 'ok' for r in done)
+  note = '' if status == 'ok' else f' (exit {code}; log {os.path.join(root, "logs", run.name + ".log")})'
+  print(f'[{i + 1}/{n}] {run.name}: {status} in {fmt_duration(end - start)}{note} | '
+        f'{n_ok} ok, {len(done) - n_ok} not, {left} left, ETA {_eta(done, left)}', file=out, flush=True)
+  return record
 
 
 def _eta(records: Sequence[dict], left: int) -> str:

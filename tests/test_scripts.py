@@ -509,3 +509,32 @@ def test_manifest_update_rereads_the_file_so_side_by_side_sweeps_keep_both(tmp_p
   clash = [dataclasses.replace(a[0], arg=a[0].arg + ',epochs=2')]
   with pytest.raises(ValueError, match='already in the manifest with another command'):
     sweep.update_manifest(root, clash)
+
+
+def test_a_run_locked_by_another_sweep_or_finished_meanwhile_is_not_run_again(tmp_path):
+  import fcntl
+  root = str(tmp_path / 'sweep')
+  runs = sweep.make_runs(VIT, ['dense', 'srste'], ['2:4'], [0], root)
+  busy = sweep.run_path(runs[0])
+  os.makedirs(busy)
+  held = open(os.path.join(busy, sweep.RUN_LOCK), 'w')  # Another sweep process is running dense_s0.
+  fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+  class FinishesTheNextOne(FakeRunner):  # While srste runs, a side-by-side sweep finishes dense_s1.
+    def __call__(self, argv, **kw):
+      write_run(sweep.run_path(later[0]), final={'eval_accuracy': 0.5, 'step': 10})
+      return super().__call__(argv, **kw)
+
+  later = sweep.make_runs(VIT, ['dense'], ['2:4'], [1], root)
+  runner, out = FinishesTheNextOne(), io.StringIO()
+  records = sweep.execute(runs + later, root, runner=runner, python='py', clock=Clock(), out=out)
+  assert [c[4].rsplit('/', 1)[1] for c in runner.calls] == ['srste_nm2x4_s0']  # Neither dense run.
+  assert [(r['name'], r['status']) for r in records] == [('dense_s0', 'busy'), ('srste_nm2x4_s0', 'ok')]
+  text = out.getvalue()
+  assert 'dense_s0: skipped, another sweep process is running it' in text
+  assert 'dense_s1: finished meanwhile (skipped)' in text
+  assert [a['name'] for a in sweep.read_jsonl(os.path.join(root, 'runs.jsonl'))] == ['srste_nm2x4_s0']
+  held.close()  # Released: the next sweep runs it.
+  runner2 = FakeRunner()
+  sweep.execute(runs, root, runner=runner2, python='py', clock=Clock(), out=io.StringIO())
+  assert [c[4].rsplit('/', 1)[1] for c in runner2.calls] == ['dense_s0']
