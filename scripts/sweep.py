@@ -51,6 +51,7 @@ MANIFEST = 'manifest.json'
 ATTEMPTS = 'runs.jsonl'
 FINAL = 'final_metrics.json'
 RUN_LOCK = '.sweep.lock'  # In each workdir, locked while a sweep runs it.
+MANIFEST_LOCK = '.manifest.lock'  # In the root, locked while a sweep updates the manifest.
 
 # Variant name -> config arguments it sets. Plain recipe names keep the config's defaults.
 RECIPES = ('dense', 'oneshot', 'hard', 'ste', 'srste', 'mdgf', 'sdgf', 'mdgf_sdgf', 'step')
@@ -308,11 +309,16 @@ def match_flops(runs: Sequence[Run], reference: str, extra: str = '', overrides:
     flops = lambda s: tables.run_flops(config.to_dict(), s)['train_flops']  # noqa: E731
     guess = max(1, round(steps * target / flops(steps)))
     best = min(range(max(1, guess - 2), guess + 3), key=lambda s: abs(flops(s) - target))
-    setting = '_'.join(p for p in (run.setting, f'flops_of_{reference}') if p)
-    name = workdir_name(run.variant, run.nm, run.seed, setting)
-    out.append(dataclasses.replace(run, name=name, setting=setting, overrides=run.overrides + (f'total_steps={best}',),
-                                   workdir=os.path.join(os.path.dirname(run.workdir), name)))
+    out.append(derived_run(run, f'flops_of_{reference}', f'total_steps={best}'))
   return out
+
+
+def derived_run(run: Run, suffix: str, override: str) -> Run:
+  """``run`` with one more ``--config`` override, its setting (and so its name and workdir) suffixed."""
+  setting = '_'.join(p for p in (run.setting, suffix) if p)
+  name = workdir_name(run.variant, run.nm, run.seed, setting)
+  return dataclasses.replace(run, name=name, setting=setting, overrides=run.overrides + (override,),
+                             workdir=os.path.join(os.path.dirname(run.workdir), name))
 
 
 def init_from_runs(runs: Sequence[Run], source_root: str, source_setting: Optional[str] = None) -> list[Run]:
@@ -343,14 +349,11 @@ def init_from_runs(runs: Sequence[Run], source_root: str, source_setting: Option
                        f'{run.seed} (settings {", ".join(settings)}); pick one with --init_setting.')
     source = cands[0]['workdir']
     path = source if os.path.isabs(source) else os.path.join(REPO, source)
-    if workdir_state(path) != 'finished':
-      raise ValueError(f'--init_from: pretraining run {cands[0]["name"]} is {workdir_state(path)}, not finished '
+    state = workdir_state(path)
+    if state != 'finished':
+      raise ValueError(f'--init_from: pretraining run {cands[0]["name"]} is {state}, not finished '
                        f'({path}); wait for it or finish it first (rerun its sweep command).')
-    setting = '_'.join(p for p in (run.setting, tag) if p)
-    name = workdir_name(run.variant, run.nm, run.seed, setting)
-    out.append(dataclasses.replace(run, name=name, setting=setting,
-                                   overrides=run.overrides + (f'init_from.path={source}',),
-                                   workdir=os.path.join(os.path.dirname(run.workdir), name)))
+    out.append(derived_run(run, tag, f'init_from.path={source}'))
   return out
 
 
@@ -427,7 +430,7 @@ def update_manifest(root: str, runs: Sequence[Run]) -> dict[str, Any]:
   """Adds ``runs`` to ``ROOT/manifest.json`` under a file lock, re-reading it there, so that two sweeps
   started side by side into one root both keep their runs; returns the written manifest."""
   os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, '.manifest.lock'), 'w') as lock:
+  with open(os.path.join(root, MANIFEST_LOCK), 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     manifest = merge_manifest(load_manifest(root), runs)
     write_json(os.path.join(root, MANIFEST), manifest)
