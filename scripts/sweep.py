@@ -573,8 +573,11 @@ def _run_one(run: Run, i: int, n: int, root: str, records: list[dict], *, runner
 
 
 def _eta(records: Sequence[dict], left: int) -> str:
-  """Mean wall time of this session's finished runs (all attempts if none finished) x runs left."""
-  times = [r['wall_time_s'] for r in records if r['status'] == 'ok'] or [r['wall_time_s'] for r in records]
+  """Mean wall time of this session's finished runs (all attempts if none finished) x runs left.
+
+  Runs skipped because another sweep holds them (``busy``) took no time here and do not count."""
+  attempts = [r for r in records if r['status'] != 'busy']
+  times = [r['wall_time_s'] for r in attempts if r['status'] == 'ok'] or [r['wall_time_s'] for r in attempts]
   return fmt_duration(sum(times) / len(times) * left) if times else 'unknown'
 
 
