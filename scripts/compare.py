@@ -89,7 +89,8 @@ def cells(records: Sequence[tables.Record], metric: tables.Metric, a: str, b: st
 def by_length(records: Sequence[tables.Record], metric: tables.Metric, a: Sequence[str], b: str,
               settings: Optional[Sequence[str]], nms: Optional[Sequence[str]],
               key: str = 'total_epochs') -> list[dict]:
-  """:func:`cells` of every recipe in ``a`` against ``b``, each with ``x``: its runs' ``config[key]``.
+  """:func:`cells` of every recipe in ``a`` against ``b``, each with ``x``: its runs' ``config[key]``,
+  in the order of ``a``, then by length (``epochs15`` after ``epochs5``), then by N:M.
 
   Raises ValueError when one setting's runs disagree on ``key``, when a setting has no ``key``,
   or when two settings give the same recipe, N:M and length (choose one with ``settings``).
@@ -114,7 +115,7 @@ def by_length(records: Sequence[tables.Record], metric: tables.Metric, a: Sequen
                          f'{key} = {c["x"]:g}; keep one with --setting.')
       seen[k] = c['setting']
       out.append(c)
-  return out
+  return sorted(out, key=lambda c: (list(a).index(c['a']), c['x'], _nm_key(c['nm'])))  # By length, not name.
 
 
 def gap_figure(found: Sequence[dict], path: str, xlabel: str, unit: str = 'points') -> str:
@@ -129,16 +130,17 @@ def gap_figure(found: Sequence[dict], path: str, xlabel: str, unit: str = 'point
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for i, (a, nm) in enumerate(groups):
     cs = sorted((c for c in found if (c['a'], c['nm']) == (a, nm)), key=lambda c: c['x'])
-    shift = 1 + 0.04 * (i - (len(groups) - 1) / 2)
+    shift = 1 + 0.07 * (i - (len(groups) - 1) / 2)  # Room for each point's k/n label before the next.
     x = [c['x'] * shift for c in cs]
     y = [c['mean'] for c in cs]
     err = [[c['mean'] - c['low'] if c['low'] is not None else 0 for c in cs],
            [c['high'] - c['mean'] if c['high'] is not None else 0 for c in cs]]
     ax.errorbar(x, y, yerr=err, color=figures.color(a), linestyle=['-', '--', ':', '-.'][nms.index(nm) % 4],
                 marker='o', capsize=3, label=f'{a} - {cs[0]["b"]}, {nm}')
-    for xi, c in zip(x, cs):
-      ax.annotate(f'{c["positive"]}/{c["n"]}', (xi, c['mean']), textcoords='offset points', xytext=(4, 4),
-                  fontsize=7, color=figures.color(a))
+    for xi, c in zip(x, cs):  # k/n above the interval's cap (above the point if there is no interval).
+      top = c['high'] if c['high'] is not None else c['mean']
+      ax.annotate(f'{c["positive"]}/{c["n"]}', (xi, top), textcoords='offset points', xytext=(0, 3),
+                  ha='center', fontsize=7, color=figures.color(a))
   ax.axhline(0, color='grey', lw=0.8)
   ax.set_xscale('log')
   ticks = sorted({c['x'] for c in found})

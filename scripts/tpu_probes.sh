@@ -40,9 +40,9 @@ done
 report t5_depth2_ste_vs_mdgf_v4_2x2x4 "$W/t5_depth2_mdgf_v4_2x2x4/train_v4_2x2x4.hlo.txt.gz" \
   "$W/t5_depth2_ste_v4_2x2x4/train_v4_2x2x4.hlo.txt.gz" --top 15
 
-# ViT-B/16 at batch 4096 on v4-32: STEP and MDGF on MLP + Q, K, V, SDGF on the MLPs.
+# ViT-B/16 at batch 4096 on v4-32: STEP and MDGF on MLP + Q, K, V, SDGF on the MLPs and on MLP + Q, K, V.
 compile vit_dense configs/vit_imagenet.py:recipe=dense v4:2x2x4
-for r in step,layers=mlp_qkv mdgf,layers=mlp_qkv sdgf,layers=mlp; do
+for r in step,layers=mlp_qkv mdgf,layers=mlp_qkv sdgf,layers=mlp sdgf,layers=mlp_qkv; do
   name=vit_${r/,layers=/_}
   compile "$name" "configs/vit_imagenet.py:recipe=$r,nm=1:16" v4:2x2x4
   report "${name}_vs_dense_v4_2x2x4" "$W/vit_dense/train_v4_2x2x4.hlo.txt.gz" "$W/$name/train_v4_2x2x4.hlo.txt.gz" --top 15

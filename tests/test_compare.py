@@ -54,6 +54,9 @@ def test_by_length_pairs_seeds_and_reads_the_length(tmp_path):
   assert by_x[1.0]['diffs'] == pytest.approx([1.0, 2.0, 3.0]) and by_x[1.0]['mean'] == pytest.approx(2.0)
   assert by_x[5.0]['seeds'] == [0, 1] and by_x[5.0]['mean'] == pytest.approx(0.0, abs=1e-9)
   assert by_x[5.0]['positive'] == 1 and by_x[5.0]['shown'] is False
+  longer = [_record(v, '1:16', 0, 'epochs15', 15.0, acc) for v, acc in (('srste', 0.9), ('mdgf-exp', 0.9))]
+  found = compare.by_length(longer + _grid(), metric, ['mdgf-exp'], 'srste', None, ['1:16'])
+  assert [c['setting'] for c in found] == ['epochs1', 'epochs5', 'epochs15']  # By length, not by name.
   path = compare.gap_figure(found, str(tmp_path / 'gap.png'), 'total epochs')
   assert (tmp_path / 'gap.png').stat().st_size > 1000 and path.endswith('gap.png')
 
