@@ -38,6 +38,20 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return out
 
 
+def splits(config: ml_collections.ConfigDict, val: int, *, train: str = 'train', test: str = 'test') -> None:
+  """Sets the train / eval / test splits. ``val`` = 0: train on ``train``, evaluate on ``test``.
+  ``val`` in (0, 100): hold out the last ``val`` % of ``train`` as the validation split that the
+  run evaluates on (for choosing a setting), and report the final model on ``test`` (test_* keys)."""
+  if isinstance(val, bool) or not isinstance(val, int) or not 0 <= val < 100:
+    raise ValueError(f'Config argument val={val!r}: the percent of {train!r} held out for validation, '
+                     'an integer in [0, 100) (0: no validation split).')
+  if val == 0:
+    config.train_split, config.eval_split = train, test
+  else:
+    cut = 100 - val
+    config.train_split, config.eval_split, config.test_split = f'{train}[:{cut}%]', f'{train}[{cut}%:]', test
+
+
 def sparsity(recipe: str, nm: str, layers: str, **recipe_overrides: Any) -> ml_collections.ConfigDict:
   """The ``config.sparsity`` block: a recipe, the N:M pattern and the layer preset."""
   nmsparse.parse_nm(nm)
@@ -91,6 +105,10 @@ def run_defaults(config: ml_collections.ConfigDict) -> None:
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.eval_steps = ph(int)  # Eval batches per evaluation; None: the whole split.
+  # Set for model selection: eval_split is then the validation split (e.g. 'train[90%:]', with
+  # train_split 'train[:90%]') and the final model is also evaluated once on test_split
+  # (final_metrics.json: test_* keys), which nothing during training looks at.
+  config.test_split = ph(str)
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.diagnostics_every_steps = 50  # nmsparse diagnostics (sparsity, flips, grad norms)

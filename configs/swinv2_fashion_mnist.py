@@ -2,7 +2,7 @@ r"""A tiny SwinV2 on Fashion-MNIST (offline, from the Debian package), on 2 CPU 
 
     python -m experiments.main --config=configs/swinv2_fashion_mnist.py --workdir=workdirs/swin_fmnist
 
-Arguments (``:recipe=srste,nm=1:16,layers=mlp_qkv,runlocal``) as in vit_fashion_mnist.py.
+Arguments (``:recipe=srste,nm=1:16,layers=mlp_qkv,val=10,runlocal``) as in vit_fashion_mnist.py.
 Model ``mu``: embed 32, depths 2-2, heads 2-4, patch 2, window 7 (shifted on the 14x14 stage).
 Sparsity as in the paper: the MLPs (optionally Q, K, V); never the patch embedding, patch
 merging, the position-bias MLP, the output projection or the head.
@@ -18,17 +18,17 @@ from experiments.data import defaults
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, variant='mu', recipe='mdgf', nm='1:8', layers='mlp', decay='exponential',
-                       structure='stepwise', epochs=5.0, seed=0, runlocal=False)
+                       structure='stepwise', epochs=5.0, seed=0, val=0, runlocal=False)
   c = ml_collections.ConfigDict()
   c.task = 'classification'
   c.model = ml_collections.ConfigDict(dict(name='swinv2', variant=a.variant, num_classes=10,
                                            channels=1, kwargs=dict()))
   c.data = defaults.image(name='nm_fashion_mnist', image_size=28)
-  c.train_split, c.eval_split = 'train', 'test'
   c.loss = 'softmax_xent'
   c.batch_size = 128
   c.eval_batch_size = 1000
   common.run_defaults(c)
+  common.splits(c, a.val)  # val=10: select on the last 10 % of train, report on test.
   c.seed = a.seed
   c.total_epochs = a.epochs
   c.sparsity = common.sparsity(a.recipe, a.nm, a.layers, dense_frac=0.1, finetune_frac=0.1,

@@ -263,14 +263,29 @@ def eval_batches(s: Setup, eval_input):
 
 # ----------------------------------------------------------------------------- loop
 
-def make_input(config: ml_collections.ConfigDict, task: Task, *, train: bool):
-  """The train split (shuffled, ``batch_size``) or the eval split (one padded pass, ``eval_batch_size``)."""
+def make_input(config: ml_collections.ConfigDict, task: Task, *, train: bool, split: str | None = None):
+  """The train split (shuffled, ``batch_size``) or an eval split (one padded pass,
+  ``eval_batch_size``): ``config.eval_split`` unless ``split`` names another (the test split)."""
   kw = dict(seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count())
   if train:
     return task.make_input(config, split=config.train_split, train=True,
                            global_batch_size=config.batch_size, **kw)
-  return task.make_input(config, split=config.eval_split, train=False,
+  return task.make_input(config, split=split or config.eval_split, train=False,
                          global_batch_size=config.get('eval_batch_size') or config.batch_size, **kw)
+
+
+def make_test_input(config: ml_collections.ConfigDict, task: Task):
+  """``config.test_split``'s input, or None when it is unset; refuses a test split that is one of
+  the splits the run trains or selects on."""
+  test = config.get('test_split')
+  if not test:
+    return None
+  if test in (config.train_split, config.eval_split):
+    which = 'train_split' if test == config.train_split else 'eval_split'
+    raise ValueError(f'config.test_split {test!r} is also config.{which}: the test split must be held '
+                     "out from training and selection (e.g. train_split 'train[:90%]', eval_split "
+                     "'train[90%:]', test_split 'test').")
+  return make_input(config, task, train=False, split=test)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -286,6 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     task = get_task(config.task)
     train_input, eval_input = make_input(config, task, train=True), make_input(config, task, train=False)
+    test_input = make_test_input(config, task)  # Opened now: a bad split stops the run before it trains.
     s = setup(config, steps_per_epoch=train_input.steps_per_epoch)
     _log_overview(s)
     meta = run_meta(s)
@@ -343,6 +359,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ckpt.wait()
         return {'preempted_at_step': float(step)}
     final = final_evaluation(s, state, eval_input, eval_step=eval_step)
+    if test_input is not None:
+      final |= test_evaluation(s, state, test_input, eval_step=eval_step)
     writer.write(s.total_steps, {f'final/{k}': v for k, v in final.items()})
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
@@ -398,6 +416,17 @@ def final_evaluation(s: Setup, state: state_lib.TrainState, eval_input, *, eval_
   out['sparsity'] = float(nmsparse.sparsity(hard, s.sp.specs))
   out['nm_valid'] = float(nmsparse.nm_valid_fraction(hard, s.sp.specs))
   out['step'] = float(jax.device_get(state.step))
+  return out
+
+
+def test_evaluation(s: Setup, state: state_lib.TrainState, test_input, *, eval_step=None) -> dict:
+  """The final model on the held-out test split: ``test_<metric>`` as trained, ``test_hard_<metric>``
+  for the deployable hard N:M model, ``test_<count unit>``."""
+  ev = evaluate(s, state, test_input, eval_step=eval_step)
+  hard_ev = evaluate(s, state, test_input, hard=True)
+  out = {f'test_{k}': v for k, v in ev.items() if k != 'count'}
+  out |= {f'test_hard_{k}': v for k, v in hard_ev.items() if k != 'count'}
+  out[f'test_{s.task.count_unit}'] = ev['count']
   return out
 
 

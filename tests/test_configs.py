@@ -220,3 +220,14 @@ def test_t5_c4_depth_probe_keeps_the_widths():
   assert (model.num_encoder_layers, model.num_decoder_layers) == (2, 2)
   assert (model.d_model, model.d_ff, model.num_heads) == (base['d_model'], base['d_ff'], base['num_heads'])
   assert 'num_encoder_layers' not in load('t5_c4.py', '').model.kwargs
+
+
+@pytest.mark.parametrize('name', ['vit_fashion_mnist.py', 'swinv2_fashion_mnist.py'])
+def test_val_holds_out_the_end_of_train_for_selection_and_reports_on_test(name):
+  default = load(name, '')
+  assert (default.train_split, default.eval_split, default.test_split) == ('train', 'test', None)
+  held = load(name, 'val=10')
+  assert (held.train_split, held.eval_split, held.test_split) == ('train[:90%]', 'train[90%:]', 'test')
+  for bad in ('val=100', 'val=-5'):
+    with pytest.raises(ValueError, match=r'val=.*percent of .train. held out for validation'):
+      load(name, bad)

@@ -190,6 +190,41 @@ def test_evaluate_reads_the_run_length_from_the_checkpoint(trained, copy_of_trai
   assert 'environment' in json.load(open(os.path.join(copy_of_trained, 'eval_metrics.json')))
 
 
+def test_a_held_out_test_split_is_evaluated_once_at_the_end(fmnist_source, data_dir, tmp_path):
+  # Model selection: train on half the (256-image) train split, evaluate on the other half during
+  # the run, and the final model once on the test split (64 images). The test figures must be those
+  # that --mode=evaluate computes from the saved checkpoint with eval_split='test'.
+  workdir = str(tmp_path / 'run')
+  splits = {'train_split': 'train[:50%]', 'eval_split': 'train[50%:]', 'test_split': 'test'}
+  final = train_lib.train_and_evaluate(
+      make_config(fmnist_source, data_dir, total_steps=None, total_epochs=1.0, **splits), workdir)
+  assert final['step'] == 4  # 128 train images at batch 32.
+  assert final['eval_examples'] == 128 and final['test_examples'] == 64
+  on_disk = json.load(open(os.path.join(workdir, 'final_metrics.json')))
+  assert on_disk['test_accuracy'] == final['test_accuracy']
+  again = evaluate_lib.evaluate_and_export(
+      make_config(fmnist_source, data_dir, total_steps=None, total_epochs=1.0,
+                  **(splits | {'eval_split': 'test', 'test_split': None})), workdir)
+  assert again['eval_examples'] == 64
+  assert final['test_accuracy'] == pytest.approx(again['eval_accuracy'])
+  assert final['test_loss'] == pytest.approx(again['eval_loss'], rel=1e-5)
+  assert final['test_hard_accuracy'] == pytest.approx(again['hard_accuracy'])
+  assert not any(k.startswith('eval/') and 'test' in k for row in read_metrics(workdir) for k in row)
+
+
+@pytest.mark.parametrize('splits,which', [
+    ({'eval_split': 'train[50%:]', 'test_split': 'train[50%:]'}, 'eval_split'),
+    ({'test_split': 'train'}, 'train_split'),
+])
+def test_a_test_split_that_is_trained_or_selected_on_is_refused(fmnist_source, data_dir, tmp_path, monkeypatch,
+                                                                splits, which):
+  monkeypatch.setattr(train_lib, 'make_train_step', _no_compilation)
+  workdir = tmp_path / 'bad'
+  with pytest.raises(ValueError, match=f'config.test_split .* is also config.{which}'):
+    train_lib.train_and_evaluate(make_config(fmnist_source, data_dir, **splits), str(workdir))
+  assert not workdir.exists()
+
+
 def test_evaluate_refuses_a_config_of_another_run_length(copy_of_trained, fmnist_source, data_dir):
   before = snapshot(copy_of_trained)
   config = make_config(fmnist_source, data_dir, **(TRAINED | {'total_epochs': 2.0}))
