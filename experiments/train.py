@@ -407,12 +407,8 @@ def _log_environment_change(path: str, env: dict) -> None:
 
 def final_evaluation(s: Setup, state: state_lib.TrainState, eval_input, *, eval_step=None) -> dict:
   """Metrics of the model as trained and of the deployable hard N:M model, plus its sparsity."""
-  ev = evaluate(s, state, eval_input, eval_step=eval_step)
-  hard_ev = evaluate(s, state, eval_input, hard=True)
+  out = split_metrics(s, state, eval_input, 'eval_', 'hard_', eval_step=eval_step)
   hard = jax.jit(s.sp.hard_params)(state.params, state.sparsity, state.step, state.opt_state)
-  out = {f'eval_{k}': v for k, v in ev.items() if k != 'count'}
-  out |= {f'hard_{k}': v for k, v in hard_ev.items() if k != 'count'}
-  out[f'eval_{s.task.count_unit}'] = ev['count']
   out['sparsity'] = float(nmsparse.sparsity(hard, s.sp.specs))
   out['nm_valid'] = float(nmsparse.nm_valid_fraction(hard, s.sp.specs))
   out['step'] = float(jax.device_get(state.step))
@@ -422,11 +418,17 @@ def final_evaluation(s: Setup, state: state_lib.TrainState, eval_input, *, eval_
 def test_evaluation(s: Setup, state: state_lib.TrainState, test_input, *, eval_step=None) -> dict:
   """The final model on the held-out test split: ``test_<metric>`` as trained, ``test_hard_<metric>``
   for the deployable hard N:M model, ``test_<count unit>``."""
-  ev = evaluate(s, state, test_input, eval_step=eval_step)
-  hard_ev = evaluate(s, state, test_input, hard=True)
-  out = {f'test_{k}': v for k, v in ev.items() if k != 'count'}
-  out |= {f'test_hard_{k}': v for k, v in hard_ev.items() if k != 'count'}
-  out[f'test_{s.task.count_unit}'] = ev['count']
+  return split_metrics(s, state, test_input, 'test_', 'test_hard_', eval_step=eval_step)
+
+
+def split_metrics(s: Setup, state: state_lib.TrainState, inputs, prefix: str, hard_prefix: str, *,
+                  eval_step=None) -> dict:
+  """One pass over ``inputs`` as trained (``prefix``) and one with the hard N:M model (``hard_prefix``)."""
+  ev = evaluate(s, state, inputs, eval_step=eval_step)
+  hard_ev = evaluate(s, state, inputs, hard=True)
+  out = {f'{prefix}{k}': v for k, v in ev.items() if k != 'count'}
+  out |= {f'{hard_prefix}{k}': v for k, v in hard_ev.items() if k != 'count'}
+  out[f'{prefix}{s.task.count_unit}'] = ev['count']
   return out
 
 
