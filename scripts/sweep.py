@@ -563,7 +563,7 @@ def _run_one(run: Run, i: int, n: int, root: str, records: list[dict], *, runner
   status = 'failed' if code != 0 else ('ok' if ok else 'incomplete')
   record.update(end=end, wall_time_s=end - start, returncode=code, status=status)
   _append(root, record)
-  done = records + [record]
+  done = [r for r in records if r['status'] != 'busy'] + [record]  # A run another sweep holds is not ours.
   left = n - i - 1
   n_ok = sum(r['status'] == 'ok' for r in done)
   note = '' if status == 'ok' else f' (exit {code}; log {os.path.join(root, "logs", run.name + ".log")})'
