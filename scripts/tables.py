@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, Optional
@@ -248,9 +249,12 @@ def nm_sort_key(nm: str) -> tuple:
 
 
 def row_sort_key(row: tuple[str, str]) -> tuple:
+  """Recipes in the paper's order; a recipe's settings with their numbers compared as numbers
+  (``epochs1`` < ``epochs5_...`` < ``epochs15_...``)."""
   order = list(sweep.PAPER) + [v for v in sweep.VARIANTS if v not in sweep.PAPER]
   variant, setting = row
-  return (order.index(variant) if variant in order else len(order), variant, setting != '', setting)
+  natural = tuple((0, int(p), '') if p.isdigit() else (1, 0, p) for p in re.split(r'(\d+)', setting) if p)
+  return (order.index(variant) if variant in order else len(order), variant, setting != '', natural)
 
 
 def row_label(row: tuple[str, str], common: Optional[str] = None) -> str:

@@ -217,6 +217,14 @@ def test_dry_run_writes_nothing_and_bad_arguments_exit_2(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- tables
 
+def test_rows_go_in_the_papers_recipe_order_then_by_run_length():
+  rows = [('srste', 'epochs15_diagnostics_points60'), ('srste', 'epochs5_diagnostics_points60'),
+          ('mdgf-exp', 'epochs1'), ('srste', 'epochs1_flops_of_mdgf-exp'), ('srste', 'epochs1'), ('dense', '')]
+  assert sorted(rows, key=tables.row_sort_key) == [
+      ('dense', ''), ('srste', 'epochs1'), ('srste', 'epochs1_flops_of_mdgf-exp'),
+      ('srste', 'epochs5_diagnostics_points60'), ('srste', 'epochs15_diagnostics_points60'), ('mdgf-exp', 'epochs1')]
+
+
 def test_cell_mean_and_sample_std_by_hand():
   # 0.80, 0.82, 0.84 x 100: mean 82, sample std sqrt((4 + 0 + 4) / (3 - 1)) = 2.
   assert tables.format_cell([80.0, 82.0, 84.0]) == '82.00 ± 2.00 (3)'
