@@ -528,11 +528,14 @@ def execute(runs: Sequence[Run], root: str, *, runner: Runner = subprocess_runne
         continue
       record = _run_one(run, i, len(todo), root, records, runner=runner, python=python, clock=clock, out=out)
     records.append(record)
-  bad = [r for r in records if r['status'] != 'ok']
+  bad = [r for r in records if r['status'] not in ('ok', 'busy')]
+  busy = [r['name'] for r in records if r['status'] == 'busy']
   if bad:
     print(f'{len(bad)} run(s) did not finish: ' +
           ', '.join(f'{r["name"]} ({r["status"]}, exit {r["returncode"]})' for r in bad), file=out)
-  elif todo:
+  if busy:
+    print(f'{len(busy)} run(s) left to the other sweep process(es) that hold them: {", ".join(busy)}', file=out)
+  if todo and not bad and not busy:
     print(f'all {len(todo)} run(s) finished.', file=out)
   return records
 

@@ -542,6 +542,8 @@ def test_a_run_locked_by_another_sweep_or_finished_meanwhile_is_not_run_again(tm
   assert 'dense_s0: skipped, another sweep process is running it' in text
   assert '[2/3] srste_nm2x4_s0: start | ETA unknown' in text  # Not "0s" from the skipped run.
   assert '[2/3] srste_nm2x4_s0: ok in 5s | 1 ok, 0 not, 1 left' in text  # The skipped run is no failure.
+  assert 'did not finish' not in text
+  assert '1 run(s) left to the other sweep process(es) that hold them: dense_s0' in text
   assert 'dense_s1: finished meanwhile (skipped)' in text
   assert [a['name'] for a in sweep.read_jsonl(os.path.join(root, 'runs.jsonl'))] == ['srste_nm2x4_s0']
   held.close()  # Released: the next sweep runs it.
