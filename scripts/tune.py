@@ -53,18 +53,21 @@ def choose(settings: dict[str, dict[int, tuple]]) -> dict:
   """The setting with the best mean validation metric over the seeds that every setting has.
 
   Returns ``dict(chosen=, default=, seeds=, rows=[(setting, n, val mean, val std, test mean, test std)])``;
-  ``default`` is the shortest setting name (the one without a tuning override).
+  ``default`` is the shortest setting name (the one without a tuning override); ``unused``: the seeds
+  that some setting lacks, left out of every mean (a finished grid has none).
   """
   seeds = sorted(set.intersection(*(set(s) for s in settings.values())))
   if not seeds:
     raise ValueError(f'settings {sorted(settings)} have no seed in common: run the same seeds for each.')
+  every = sorted(set.union(*(set(s) for s in settings.values())))
   rows = []
   for name, by_seed in sorted(settings.items(), key=lambda kv: (len(kv[0]), kv[0])):
     vm, vs, n = tables.summarize([by_seed[k][0] for k in seeds])
     tm, ts, _ = tables.summarize([by_seed[k][1] for k in seeds])
     rows.append((name, n, vm, vs, tm, ts))
   best = max(rows, key=lambda row: row[2])
-  return dict(chosen=best[0], default=rows[0][0], seeds=seeds, rows=rows)
+  return dict(chosen=best[0], default=rows[0][0], seeds=seeds, rows=rows,
+              unused=sorted(set(every) - set(seeds)))  # Seeds some setting lacks: left out of the choice.
 
 
 def label(setting: str, default: str) -> str:
@@ -100,13 +103,20 @@ def markdown(g: dict, choices: dict, baseline: str) -> str:
     for name, n, vm, vs, tm, ts in c['rows']:
       mark = '**chosen**' if name == c['chosen'] else ''
       lines.append(f'| {sweep.label(recipe)} | {nm} | {label(name, c["default"])} | {n} | '
-                   f'{vm:.2f} ± {vs or 0:.2f} | {tm:.2f} ± {ts or 0:.2f} | {mark} |')
+                   f'{_cell(vm, vs)} | {_cell(tm, ts)} | {mark} |')
+  incomplete = [f'{sweep.label(r)} {nm} (seeds {c["unused"]})' for (r, nm), c in sorted(choices.items()) if c['unused']]
+  if incomplete:
+    lines += ['', 'Left out because not every setting has them yet: ' + '; '.join(incomplete) + '.']
   for which in ('chosen', 'default'):
     found = compare_chosen(g, choices, baseline, which)
     if found:
       lines += ['', f'Test top-1, {which} settings: paired difference to {sweep.label(baseline)} '
                 '(95 % CI, paired t over seeds).', '', compare.markdown(found)]
   return '\n'.join(lines)
+
+
+def _cell(mean: float, std: Optional[float]) -> str:
+  return f'{mean:.2f} ± {std:.2f}' if std is not None else f'{mean:.2f}'
 
 
 def figure(choices: dict, path: str) -> str:

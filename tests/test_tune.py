@@ -30,6 +30,7 @@ def test_the_setting_is_chosen_on_validation_and_compared_on_test():
   s, m = choices[('srste', '1:16')], choices[('mdgf-exp', '1:16')]
   assert s['chosen'] == 'epochs1_val10_srste_lambda6e-5' and s['default'] == 'epochs1_val10'
   assert m['chosen'] == 'epochs1_val10' and m['seeds'] == [0, 1, 2]  # Seed 3 is not in every setting.
+  assert m['unused'] == [3] and s['unused'] == []
   assert tune.label(s['chosen'], s['default']) == 'srste_lambda6e-5'
   # mdgf-exp default rows: validation 83, 83, 83; test 82, 83, 84 (mean 83, std 1).
   row = next(r for r in m['rows'] if r[0] == 'epochs1_val10')
@@ -40,6 +41,7 @@ def test_the_setting_is_chosen_on_validation_and_compared_on_test():
   assert default['diffs'] == pytest.approx([3.0, 3.0, 3.0])  # (82, 83, 84) - (79, 80, 81)
   text = tune.markdown(g, choices, 'srste')
   assert '| SR-STE | 1:16 | srste_lambda6e-5 | 3 | 83.00 ± 1.00 | 81.00 ± 1.00 | **chosen** |' in text
+  assert 'Left out because not every setting has them yet: MDGF-exponential 1:16 (seeds [3]).' in text
 
 
 def test_a_run_without_a_test_split_is_refused():
