@@ -239,7 +239,10 @@ def _load_config_module(config_file: str, cache: dict):
 
 
 def validate(runs: Sequence[Run]) -> None:
-  """Builds every run's config (config file + argument string) and checks that overrides exist."""
+  """Builds every run's config (config file + argument string + ``--set`` values) and checks that the
+  overrides exist and that its sparsity recipe is valid, as ``experiments.main`` will: a bad value
+  stops the sweep before its first run, not each run after its start."""
+  import nmsparse  # pylint: disable=g-import-not-at-top
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
   cache = {}
@@ -255,6 +258,12 @@ def validate(runs: Sequence[Run]) -> None:
           raise ValueError(f'{run.name}: --set config.{item}: {run.config_file} has no key '
                            f'{".".join(keys)!r}.')
         node = node[k]
+    config = build_config(run, cache)
+    if 'sparsity' in config:
+      try:
+        nmsparse.recipes.check_config(config.sparsity.recipe)
+      except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f'{run.name}: config.sparsity.recipe: {e}') from None
 
 
 def build_config(run: Run, cache: Optional[dict] = None):

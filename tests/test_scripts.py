@@ -550,3 +550,18 @@ def test_a_run_locked_by_another_sweep_or_finished_meanwhile_is_not_run_again(tm
   runner2 = FakeRunner()
   sweep.execute(runs, root, runner=runner2, python='py', clock=Clock(), out=io.StringIO())
   assert [c[4].rsplit('/', 1)[1] for c in runner2.calls] == ['dense_s0']
+
+
+def test_validate_checks_every_runs_config_with_its_set_values_before_any_run(tmp_path):
+  root = str(tmp_path / 'sweep')
+  good = sweep.make_runs(VIT, ['sdgf-stepwise'], ['1:16'], [0], root,
+                         overrides=['config.sparsity.recipe.finetune_frac=0.3'])
+  sweep.validate(good)
+  bad_value = sweep.make_runs(VIT, ['sdgf-stepwise'], ['1:16'], [0], root,
+                              overrides=['config.sparsity.recipe.sdgf_inner=srste'])
+  with pytest.raises(ValueError, match='sdgf-stepwise_nm1x16_s0_sdgf_innersrste: config.sparsity.recipe: '
+                                       '.*sdgf_inner=.srste.; choose "ste" or "mdgf"'):
+    sweep.validate(bad_value)
+  no_key = sweep.make_runs(VIT, ['srste'], ['1:16'], [0], root, overrides=['config.sparsity.recipe.lam=1e-3'])
+  with pytest.raises(ValueError, match="has no key 'sparsity.recipe.lam'"):
+    sweep.validate(no_key)
