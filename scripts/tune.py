@@ -49,6 +49,13 @@ def grid(records: Sequence[tables.Record], recipes: Sequence[str], nms: Optional
   return out
 
 
+def unfinished(records: Sequence[tables.Record], recipes: Sequence[str],
+               nms: Optional[Sequence[str]]) -> list[str]:
+  """Names (and states) of the runs of ``recipes`` that have not finished: left out of every mean."""
+  return [f'{r.name} ({r.state})' for r in records
+          if r.state != 'finished' and r.variant in recipes and not (nms and r.nm not in nms)]
+
+
 def choose(settings: dict[str, dict[int, tuple]]) -> dict:
   """The setting with the best mean validation metric over the seeds that every setting has.
 
@@ -163,9 +170,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   recipes = args.recipes.split(',')
   if args.baseline not in recipes:
     ap.error(f'--baseline {args.baseline} is not one of --recipes {args.recipes}.')
+  nms = args.nm.split(',') if args.nm else None
   try:
-    g = grid(tables.collect(args.root), recipes, args.nm.split(',') if args.nm else None,
-             args.select, args.report)
+    records = tables.collect(args.root)
+    g = grid(records, recipes, nms, args.select, args.report)
     choices = {k: choose(v) for k, v in g.items()}
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -182,6 +190,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for which in ('chosen', 'default'):
       for c in compare_chosen(g, choices, args.baseline, which):
         print(compare.describe(c))
+  left = unfinished(records, recipes, nms)
+  if left:
+    print(f'\nNot finished, left out of every figure above ({len(left)}): ' + ', '.join(left) + '.')
   if args.figure:
     print('wrote', figure(choices, args.figure))
   return 0

@@ -1,5 +1,7 @@
 """scripts/tune.py: a setting chosen on validation, compared on test; values by hand."""
 
+import dataclasses
+
 import pytest
 
 from scripts import tables
@@ -59,3 +61,13 @@ def test_figure_is_written(tmp_path):
   g = tune.grid(_runs(), ['srste', 'mdgf-exp'], ['1:16'])
   path = tune.figure({k: tune.choose(v) for k, v in g.items()}, str(tmp_path / 'f' / 'tuning.png'))
   assert (tmp_path / 'f' / 'tuning.png').stat().st_size > 1000 and path.endswith('tuning.png')
+
+
+def test_unfinished_runs_are_named_not_silently_dropped():
+  running = dataclasses.replace(_record('srste', '1:32', 0, 'epochs1_val10_finetune_frac0.3', 0.0), state='interrupted')
+  other = dataclasses.replace(_record('dense', '1:32', 0, 'epochs1_val10', 0.0), state='started')  # Not tuned.
+  rs = _runs() + [running, other]
+  assert tune.grid(rs, ['srste', 'mdgf-exp'], None).keys() == {('srste', '1:16'), ('mdgf-exp', '1:16')}
+  assert tune.unfinished(rs, ['srste', 'mdgf-exp'], None) == [
+      'srste_1:32_s0_epochs1_val10_finetune_frac0.3 (interrupted)']
+  assert tune.unfinished(rs, ['srste', 'mdgf-exp'], ['1:16']) == []
