@@ -119,37 +119,42 @@ def by_length(records: Sequence[tables.Record], metric: tables.Metric, a: Sequen
 
 
 def gap_figure(found: Sequence[dict], path: str, xlabel: str, unit: str = 'points') -> str:
-  """Mean paired difference (markers) and its 95 % interval (bars) against length, log x.
+  """Mean paired difference (markers) and its 95 % interval (bars) against length, log x; one panel
+  per N:M, one colour per recipe.
 
   Lines of the same length are offset sideways by a few percent so that no bar hides another.
   """
   from scripts import figures  # pylint: disable=g-import-not-at-top
+  from scripts import sweep  # pylint: disable=g-import-not-at-top
   plt = figures._pyplot()  # pylint: disable=protected-access
-  groups = sorted({(c['a'], c['nm']) for c in found}, key=lambda g: (g[0], _nm_key(g[1])))
-  nms = sorted({g[1] for g in groups}, key=_nm_key)
-  fig, ax = plt.subplots(figsize=(7, 4.2))
-  for i, (a, nm) in enumerate(groups):
-    cs = sorted((c for c in found if (c['a'], c['nm']) == (a, nm)), key=lambda c: c['x'])
-    shift = 1 + 0.07 * (i - (len(groups) - 1) / 2)  # Room for each point's k/n label before the next.
-    x = [c['x'] * shift for c in cs]
-    y = [c['mean'] for c in cs]
-    err = [[c['mean'] - c['low'] if c['low'] is not None else 0 for c in cs],
-           [c['high'] - c['mean'] if c['high'] is not None else 0 for c in cs]]
-    ax.errorbar(x, y, yerr=err, color=figures.color(a), linestyle=['-', '--', ':', '-.'][nms.index(nm) % 4],
-                marker='o', capsize=3, label=f'{a} - {cs[0]["b"]}, {nm}')
-    for xi, c in zip(x, cs):  # k/n above the interval's cap (above the point if there is no interval).
-      top = c['high'] if c['high'] is not None else c['mean']
-      ax.annotate(f'{c["positive"]}/{c["n"]}', (xi, top), textcoords='offset points', xytext=(0, 3),
-                  ha='center', fontsize=7, color=figures.color(a))
-  ax.axhline(0, color='grey', lw=0.8)
-  ax.set_xscale('log')
+  order = list(dict.fromkeys(c['a'] for c in found))
+  nms = sorted({c['nm'] for c in found}, key=_nm_key)
+  fig, axes = plt.subplots(1, len(nms), figsize=(1.0 + 5.2 * len(nms), 4.4), sharey=True, squeeze=False)
   ticks = sorted({c['x'] for c in found})
-  ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
-  ax.minorticks_off()
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(f'paired difference ({unit})')
-  ax.set_title('Mean over seeds, 95 % CI (paired t); k/n: seeds positive', fontsize=9)
-  ax.legend(fontsize=8)
+  for ax, nm in zip(axes[0], nms):
+    here = [a for a in order if any(c['a'] == a and c['nm'] == nm for c in found)]
+    for i, a in enumerate(here):
+      cs = sorted((c for c in found if (c['a'], c['nm']) == (a, nm)), key=lambda c: c['x'])
+      shift = 1 + 0.06 * (i - (len(here) - 1) / 2)  # Room for each point's k/n label before the next.
+      x = [c['x'] * shift for c in cs]
+      err = [[c['mean'] - c['low'] if c['low'] is not None else 0 for c in cs],
+             [c['high'] - c['mean'] if c['high'] is not None else 0 for c in cs]]
+      ax.errorbar(x, [c['mean'] for c in cs], yerr=err, color=figures.color(a), marker='o', capsize=3,
+                  label=f'{sweep.label(a)} - {sweep.label(cs[0]["b"])}')
+      for xi, c in zip(x, cs):  # k/n above the interval's cap (above the point if there is no interval).
+        top = c['high'] if c['high'] is not None else c['mean']
+        ax.annotate(f'{c["positive"]}/{c["n"]}', (xi, top), textcoords='offset points', xytext=(0, 3),
+                    ha='center', fontsize=7, color=figures.color(a))
+    ax.axhline(0, color='grey', lw=0.8)
+    ax.set_xscale('log')
+    ax.set_xticks(ticks, [f'{t:g}' for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlim(min(ticks) / 1.35, max(ticks) * 1.35)
+    ax.set_xlabel(xlabel)
+    ax.set_title(nm or 'dense', fontsize=10)
+    ax.legend(fontsize=7)
+  axes[0][0].set_ylabel(f'paired difference ({unit})')
+  fig.suptitle('Mean over seeds, 95 % CI (paired t); k/n: seeds positive', fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
