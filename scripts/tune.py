@@ -101,6 +101,32 @@ def compare_chosen(g: dict, choices: dict, baseline: str, which: str) -> list[di
   return out
 
 
+def sensitivity(g: dict, choices: dict) -> list[dict]:
+  """Each setting against its recipe's default, paired by seed, on the validation metric: how much a
+  recipe's own setting moves it, with the seed-to-seed spread that all settings share taken out."""
+  out = []
+  for (recipe, nm), c in sorted(choices.items(), key=lambda kv: (tables.nm_sort_key(kv[0][1]),
+                                                                 tables.row_sort_key((kv[0][0], '')))):
+    base = g[(recipe, nm)][c['default']]
+    for name, *_ in c['rows']:
+      if name != c['default']:
+        runs = g[(recipe, nm)][name]
+        out.append(dict(a=recipe, b=recipe, nm=nm, setting=f'{label(name, c["default"])} - default',
+                        seeds=c['seeds'], **compare.paired([runs[k][0] - base[k][0] for k in c['seeds']])))
+  return out
+
+
+def sensitivity_markdown(found: Sequence[dict]) -> str:
+  rows = []
+  for c in found:
+    ci = '-' if c['std'] is None else f'[{c["low"]:+.2f}, {c["high"]:+.2f}]'
+    std = '' if c['std'] is None else f' ± {c["std"]:.2f}'
+    rows.append([sweep.label(c['a']), c['nm'], c['setting'], f'{c["mean"]:+.2f}{std}', ci,
+                 f'{c["positive"]} of {c["n"]}', '**shown**' if c['shown'] else 'not shown'])
+  return tables.md_table(['recipe', 'N:M', 'setting', 'difference (points)', '95 % CI (paired t)',
+                          'seeds positive', 'verdict'], rows)
+
+
 def markdown(g: dict, choices: dict, baseline: str) -> str:
   lines = ['Each setting: validation and test top-1 (%), mean ± std over the seeds every setting of the '
            'recipe has; **chosen** = best mean validation.', '',
@@ -114,6 +140,8 @@ def markdown(g: dict, choices: dict, baseline: str) -> str:
   incomplete = [f'{sweep.label(r)} {nm} (seeds {c["unused"]})' for (r, nm), c in sorted(choices.items()) if c['unused']]
   if incomplete:
     lines += ['', 'Left out because not every setting has them yet: ' + '; '.join(incomplete) + '.']
+  lines += ['', 'Sensitivity: validation top-1 of each setting minus its recipe\'s default, paired by seed '
+            '(95 % CI, paired t).', '', sensitivity_markdown(sensitivity(g, choices))]
   for which in ('chosen', 'default'):
     found = compare_chosen(g, choices, baseline, which)
     if found:
@@ -147,7 +175,8 @@ def figure(choices: dict, path: str) -> str:
         x += 1
       x += 0.5
     ax.set_xticks([t for t, _ in ticks], [s for _, s in ticks], rotation=60, ha='right', fontsize=7)
-    ax.set_title(f'{nm}: validation (filled) and test (open); shaded = chosen', fontsize=9)
+    ax.set_title(f'{nm}: mean ± std over seeds; validation (filled), test (open); shaded = chosen',
+                 fontsize=9)
     ax.set_ylabel('top-1 accuracy (%)')
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)

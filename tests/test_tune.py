@@ -71,3 +71,14 @@ def test_unfinished_runs_are_named_not_silently_dropped():
   assert tune.unfinished(rs, ['srste', 'mdgf-exp'], None) == [
       'srste_1:32_s0_epochs1_val10_finetune_frac0.3 (interrupted)']
   assert tune.unfinished(rs, ['srste', 'mdgf-exp'], ['1:16']) == []
+
+
+def test_sensitivity_pairs_each_setting_with_its_recipes_default_on_validation():
+  g = tune.grid(_runs(), ['srste', 'mdgf-exp'], ['1:16'])
+  found = tune.sensitivity(g, {k: tune.choose(v) for k, v in g.items()})
+  by = {(c['a'], c['setting']): c for c in found}
+  assert sorted(by) == [('mdgf-exp', 'final0.1 - default'), ('srste', 'srste_lambda6e-5 - default')]
+  assert by[('srste', 'srste_lambda6e-5 - default')]['diffs'] == pytest.approx([2.0, 2.0, 2.0])  # 82+s - (80+s)
+  assert by[('mdgf-exp', 'final0.1 - default')]['diffs'] == pytest.approx([-2.0, -2.0, -2.0])  # 81 - 83 (seed 3 out)
+  assert by[('mdgf-exp', 'final0.1 - default')]['positive'] == 0
+  assert '| MDGF-exponential | 1:16 | final0.1 - default | -2.00 ± 0.00 |' in tune.sensitivity_markdown(found)
