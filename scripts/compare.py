@@ -155,10 +155,7 @@ def gap_figure(found: Sequence[dict], path: str, xlabel: str, unit: str = 'point
     ax.legend(fontsize=7)
   axes[0][0].set_ylabel(f'paired difference ({unit})')
   fig.suptitle('Mean over seeds, 95 % CI (paired t); k/n: seeds positive', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return figures.save(fig, path)
 
 
 def markdown(found: Sequence[dict], unit: str = 'points') -> str:

@@ -49,6 +49,15 @@ def _pyplot():
   return plt
 
 
+def save(fig, path: str, dpi: int = 120, rect: Optional[tuple] = None) -> str:
+  """Lays out ``fig``, writes it to ``path`` (making its folder) and closes it; returns ``path``."""
+  fig.tight_layout(**({'rect': rect} if rect else {}))
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  fig.savefig(path, dpi=dpi)
+  _pyplot().close(fig)
+  return path
+
+
 def color(variant: str) -> str:
   """A fixed colour per recipe variant, the same in every figure."""
   order = list(sweep.PAPER) + [v for v in sweep.VARIANTS if v not in sweep.PAPER]
@@ -160,10 +169,7 @@ def fig_metric_vs_sparsity(title: str, records: Sequence[tables.Record], metric:
                fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc='best')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return save(fig, path)
 
 
 def _length(record: tables.Record) -> Optional[int]:
@@ -212,10 +218,7 @@ def fig_schedules(title: str, records: Sequence[tables.Record], nm: str, path: s
   ax_a.legend(fontsize=8, loc='best')
   if notes:
     ax_d.text(0.01, 0.02, '; '.join(notes), transform=ax_d.transAxes, fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return save(fig, path)
 
 
 def fig_dynamics(title: str, records: Sequence[tables.Record], nm: str, path: str) -> Optional[str]:
@@ -264,10 +267,7 @@ def fig_dynamics(title: str, records: Sequence[tables.Record], nm: str, path: st
                'mean over seeds', fontsize=10)
   if legend:
     fig.legend(list(legend.values()), list(legend), loc='center right', fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, 0, 0.8 if legend else 1, 1))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return save(fig, path, dpi=110, rect=(0, 0, 0.8 if legend else 1, 1))
 
 
 def make_figures(records: Sequence[tables.Record], out_dir: str, metric: Optional[str] = None) -> list[str]:

@@ -101,10 +101,7 @@ def figure(found: Sequence[dict], path: str) -> str:
   ax.set_title('Zbar until the switch (thin vertical line); threshold (dotted). Runs that train alike\n'
                'until an earlier switch lie under the longer curve.', fontsize=9)
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return figures.save(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

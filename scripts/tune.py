@@ -15,7 +15,6 @@ whether tuning changes the ordering.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import Optional
@@ -178,11 +177,7 @@ def figure(choices: dict, path: str) -> str:
     ax.set_title(f'{nm}: mean ± std over seeds; validation (filled), test (open); shaded = chosen',
                  fontsize=9)
     ax.set_ylabel('top-1 accuracy (%)')
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return figures.save(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
