@@ -158,15 +158,16 @@ def gap_figure(found: Sequence[dict], path: str, xlabel: str, unit: str = 'point
   return figures.save(fig, path)
 
 
+def stat_cells(c: dict) -> list[str]:
+  """A paired comparison's table cells: difference ± std, 95 % interval, seeds positive, verdict."""
+  std = '' if c['std'] is None else f' ± {c["std"]:.2f}'
+  ci = '-' if c['std'] is None else f'[{c["low"]:+.2f}, {c["high"]:+.2f}]'
+  return [f'{c["mean"]:+.2f}{std}', ci, f'{c["positive"]} of {c["n"]}', '**shown**' if c['shown'] else 'not shown']
+
+
 def markdown(found: Sequence[dict], unit: str = 'points') -> str:
   """The comparisons as one Markdown table."""
-  rows = []
-  for c in found:
-    ci = '-' if c['std'] is None else f'[{c["low"]:+.2f}, {c["high"]:+.2f}]'
-    verdict = '**shown**' if c['shown'] else 'not shown'
-    std = '' if c['std'] is None else f' ± {c["std"]:.2f}'
-    rows.append([f'{c["a"]} - {c["b"]}', c['nm'] or 'dense', c['setting'], f'{c["mean"]:+.2f}{std}', ci,
-                 f'{c["positive"]} of {c["n"]}', verdict])
+  rows = [[f'{c["a"]} - {c["b"]}', c['nm'] or 'dense', c['setting'], *stat_cells(c)] for c in found]
   return tables.md_table(['pair', 'N:M', 'setting', f'difference ({unit})', '95 % CI (paired t)',
                           'seeds positive', 'verdict'], rows)
 

@@ -116,12 +116,7 @@ def sensitivity(g: dict, choices: dict) -> list[dict]:
 
 
 def sensitivity_markdown(found: Sequence[dict]) -> str:
-  rows = []
-  for c in found:
-    ci = '-' if c['std'] is None else f'[{c["low"]:+.2f}, {c["high"]:+.2f}]'
-    std = '' if c['std'] is None else f' ± {c["std"]:.2f}'
-    rows.append([sweep.label(c['a']), c['nm'], c['setting'], f'{c["mean"]:+.2f}{std}', ci,
-                 f'{c["positive"]} of {c["n"]}', '**shown**' if c['shown'] else 'not shown'])
+  rows = [[sweep.label(c['a']), c['nm'], c['setting'], *compare.stat_cells(c)] for c in found]
   return tables.md_table(['recipe', 'N:M', 'setting', 'difference (points)', '95 % CI (paired t)',
                           'seeds positive', 'verdict'], rows)
 
