@@ -142,12 +142,18 @@ def _load_error_line(error: OSError, argv: list[str]) -> str:
 
 
 class _DropChatter(std_logging.Filter):
-  """Drops INFO records of Orbax and friends (every checkpoint logs dozens of lines)."""
+  """Drops INFO records of Orbax and friends (every checkpoint logs dozens of lines), and JAX's
+  "Unable to initialize backend 'tpu'" on a machine without that backend (JAX probes every
+  platform it knows; a real failure to start a backend that is there is a warning or an error)."""
 
   NOISY = ('/orbax/', '/grain/', '/tensorstore/', '/jax/_src/distributed')
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno > std_logging.INFO or not any(p in record.pathname for p in self.NOISY)
+    if record.levelno > std_logging.INFO:
+      return True
+    if record.pathname.endswith('xla_bridge.py'):
+      return not record.getMessage().startswith('Unable to initialize backend')
+    return not any(p in record.pathname for p in self.NOISY)
 
 
 def quiet_library_logs() -> None:
