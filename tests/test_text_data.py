@@ -202,6 +202,12 @@ def test_prepare_without_packages_fails_fast_with_apt_get(tmp_path, monkeypatch)
 # ---------------------------------------------------------------------------------------- vocab
 
 
+def test_training_texts_of_an_unprepared_dir_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match=f'{builders.TEXT_NAME} is not prepared in {tmp_path}') as e:
+    vocab.training_texts(tmp_path)
+  assert builders.HOW_TO_GET in str(e.value)
+
+
 def test_vocab_follows_t5_ids(tmp_path):
   rng = np.random.default_rng(0)
   words = [''.join(rng.choice(list('abcdefghij'), rng.integers(2, 7))) for _ in range(300)]

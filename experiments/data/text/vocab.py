@@ -79,7 +79,7 @@ def training_texts(data_dir: str | os.PathLike) -> list[str]:
   from experiments.data.text import builders  # pylint: disable=g-import-not-at-top
   try:
     source = tfds.data_source(builders.TEXT_NAME, split='train', data_dir=os.fspath(data_dir), download=False)
-  except Exception as e:  # pylint: disable=broad-except
+  except KeyError as e:  # tfds: "splits is empty": the dataset was never prepared in data_dir.
     raise FileNotFoundError(f'{builders.TEXT_NAME} is not prepared in {data_dir} ({e}). '
                             f'{builders.HOW_TO_GET}') from e
   return [source[i]['text'].decode('utf-8') for i in range(len(source))]
