@@ -88,25 +88,34 @@ def cells(records: Sequence[tables.Record], metric: tables.Metric, a: str, b: st
 
 def by_length(records: Sequence[tables.Record], metric: tables.Metric, a: Sequence[str], b: str,
               settings: Optional[Sequence[str]], nms: Optional[Sequence[str]],
-              key: str = 'total_epochs') -> list[dict]:
+              key: str = 'total_epochs', settings_b: Optional[Sequence[str]] = None) -> list[dict]:
   """:func:`cells` of every recipe in ``a`` against ``b``, each with ``x``: its runs' ``config[key]``,
   in the order of ``a``, then by length (``epochs15`` after ``epochs5``), then by N:M.
 
-  Raises ValueError when one setting's runs disagree on ``key``, when a setting has no ``key``,
-  or when two settings give the same recipe, N:M and length (choose one with ``settings``).
+  ``settings_b``: B's setting for each of ``settings`` in turn (A's runs of ``settings[i]``
+  against B's of ``settings_b[i]``); x is A's length. Raises ValueError when one setting's runs
+  disagree on ``key``, when a setting has no ``key``, or when two settings give the same recipe,
+  N:M and length (choose one with ``settings``).
   """
+  if settings_b is not None and (not settings or len(settings_b) != len(settings)):
+    raise ValueError(f'--setting_b {",".join(settings_b)}: give one B setting per --setting '
+                     f'({len(settings or [])}), or a single one for all.')
+  pairs = dict(zip(settings, settings_b)) if settings_b is not None else {}
   lengths: dict[str, set] = {}
   for r in records:
     if r.config is not None and (not settings or r.setting in settings):
       lengths.setdefault(r.setting, set()).add(r.config.get(key))
   out, seen = [], {}
   for variant in a:
-    for c in cells(records, metric, variant, b, None, nms):
-      if settings and c['setting'] not in settings:
+    found = ([c | {'setting_a': c_s} for c_s, c_sb in pairs.items()
+              for c in cells(records, metric, variant, b, c_s, nms, c_sb)] if pairs else
+             [c | {'setting_a': c['setting']} for c in cells(records, metric, variant, b, None, nms)])
+    for c in found:
+      if settings and c['setting_a'] not in settings:
         continue
-      xs = lengths.get(c['setting'], set())
+      xs = lengths.get(c['setting_a'], set())
       if len(xs) != 1 or None in xs:
-        raise ValueError(f'setting {c["setting"]!r}: its runs give {key} = {sorted(map(str, xs))}; '
+        raise ValueError(f'setting {c["setting_a"]!r}: its runs give {key} = {sorted(map(str, xs))}; '
                          f'a length figure needs one value per setting (choose --x or --setting).')
       c = c | {'x': float(next(iter(xs)))}
       k = (c['a'], c['nm'], c['x'])
@@ -116,6 +125,15 @@ def by_length(records: Sequence[tables.Record], metric: tables.Metric, a: Sequen
       seen[k] = c['setting']
       out.append(c)
   return sorted(out, key=lambda c: (list(a).index(c['a']), c['x'], _nm_key(c['nm'])))  # By length, not name.
+
+
+def pair_label(c: dict) -> str:
+  """A comparison's legend label: "A - B", or "A at R's FLOPs - B" for runs of ``--match_flops R``."""
+  from scripts import sweep  # pylint: disable=g-import-not-at-top
+  a = sweep.label(c['a'])
+  if 'flops_of_' in c['setting']:
+    a += f' at {sweep.label(c["setting"].split("flops_of_")[1].split(" ")[0])}\'s FLOPs'
+  return f'{a} - {sweep.label(c["b"])}'
 
 
 def gap_figure(found: Sequence[dict], path: str, xlabel: str, unit: str = 'points') -> str:
@@ -140,7 +158,7 @@ def gap_figure(found: Sequence[dict], path: str, xlabel: str, unit: str = 'point
       err = [[c['mean'] - c['low'] if c['low'] is not None else 0 for c in cs],
              [c['high'] - c['mean'] if c['high'] is not None else 0 for c in cs]]
       ax.errorbar(x, [c['mean'] for c in cs], yerr=err, color=figures.color(a), marker='o', capsize=3,
-                  label=f'{sweep.label(a)} - {sweep.label(cs[0]["b"])}')
+                  label=pair_label(cs[0]))
       for xi, c in zip(x, cs):  # k/n above the interval's cap (above the point if there is no interval).
         top = c['high'] if c['high'] is not None else c['mean']
         ax.annotate(f'{c["positive"]}/{c["n"]}', (xi, top), textcoords='offset points', xytext=(0, 3),
@@ -190,7 +208,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ap.add_argument('--nm', default=None, help='Comma-separated N:M patterns (default: all).')
   ap.add_argument('--setting', default=None, help='Only these settings, comma-separated, e.g. epochs5.')
   ap.add_argument('--setting_b', default=None,
-                  help='Pair A with B\'s runs of this setting (default: the same setting as A).')
+                  help='Pair A with B\'s runs of this setting (default: the same setting as A); '
+                  'comma-separated: one per --setting, in order.')
   ap.add_argument('--figure', default=None, help='Also plot the differences against run length here (PNG).')
   ap.add_argument('--x', default='total_epochs', help='--figure: the config key that measures length.')
   ap.add_argument('--metric', default=None, help='A key of final_metrics.json (default: the task\'s).')
@@ -202,11 +221,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   metric = tables.choose_metric(task, args.metric)
   settings = args.setting.split(',') if args.setting else None
   nms = args.nm.split(',') if args.nm else None
+  settings_b = args.setting_b.split(',') if args.setting_b else None
+  if settings_b and len(settings_b) == 1 and settings and len(settings) > 1:
+    settings_b = settings_b * len(settings)  # One B setting for every A setting.
   if args.figure:
-    found = by_length(records, metric, args.a.split(','), args.b, settings, nms, args.x)
+    found = by_length(records, metric, args.a.split(','), args.b, settings, nms, args.x, settings_b)
   else:
-    found = [c for a in args.a.split(',') for s in (settings or [None])
-             for c in cells(records, metric, a, args.b, s, nms, args.setting_b)]
+    if settings_b and (not settings or len(settings_b) != len(settings)):
+      ap.error(f'--setting_b {args.setting_b}: give one B setting per --setting, or a single one for all.')
+    pairs = list(zip(settings, settings_b)) if settings_b else [(s, None) for s in (settings or [None])]
+    found = [c for a in args.a.split(',') for s, sb in pairs
+             for c in cells(records, metric, a, args.b, s, nms, sb)]
   if not found:
     print(f'no finished seeds of both {args.a} and {args.b} in {args.root}', file=sys.stderr)
     return 1

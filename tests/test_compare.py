@@ -85,6 +85,26 @@ def test_cells_against_dense_and_across_settings():
   assert found[0]['setting'] == 'epochs5 vs epochs1' and found[0]['diffs'] == pytest.approx([4.0, 3.0])
 
 
+def test_by_length_pairs_each_setting_with_its_own_b_setting():
+  from scripts import tables
+  metric = tables.choose_metric('classification')
+  # SR-STE run longer (settings *_long) against MDGF's runs of each length: A's length is x.
+  rs = _grid() + [_record('srste', '1:16', s, 'epochs1_long', 1.0, acc) for s, acc in enumerate([0.84, 0.85, 0.76])]
+  rs += [_record('srste', '1:16', s, 'epochs5_long', 5.0, acc) for s, acc in enumerate([0.86, 0.85])]
+  found = compare.by_length(rs, metric, ['srste'], 'mdgf-exp', ['epochs1_long', 'epochs5_long'], ['1:16'],
+                            settings_b=['epochs1', 'epochs5'])
+  assert [c['x'] for c in found] == [1.0, 5.0]
+  assert found[0]['setting'] == 'epochs1_long vs epochs1'
+  assert found[0]['diffs'] == pytest.approx([3.0, 3.0, 3.0])  # 84-81, 85-82, 76-73.
+  assert found[1]['diffs'] == pytest.approx([1.5, -0.5])  # 86-84.5, 85-85.5.
+  assert compare.pair_label(found[0]) == 'SR-STE - MDGF-exponential'
+  matched = found[0] | {'setting': 'epochs1_flops_of_mdgf-exp vs epochs1'}
+  assert compare.pair_label(matched) == "SR-STE at MDGF-exponential's FLOPs - MDGF-exponential"
+  with pytest.raises(ValueError, match='one B setting per --setting'):
+    compare.by_length(rs, metric, ['srste'], 'mdgf-exp', ['epochs1_long', 'epochs5_long'], ['1:16'],
+                      settings_b=['epochs1'])
+
+
 def test_markdown_table_by_hand():
   from scripts import tables
   metric = tables.choose_metric('classification')
