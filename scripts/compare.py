@@ -81,9 +81,23 @@ def cells(records: Sequence[tables.Record], metric: tables.Metric, a: str, b: st
       continue
     seeds = sorted(set(va) & set(vb))
     if seeds:
-      out.append(dict(a=a, b=b, setting=s if sb == s else f'{s} vs {sb}', nm=nm, seeds=seeds,
+      out.append(dict(a=a, b=b, setting=s if sb == s else f'{s} vs {sb}', setting_a=s, nm=nm, seeds=seeds,
                       **paired([va[k] - vb[k] for k in seeds])))
   return out
+
+
+def setting_pairs(settings: Optional[Sequence[str]], settings_b: Optional[Sequence[str]]
+                  ) -> list[tuple[Optional[str], Optional[str]]]:
+  """(A's setting, B's setting or None for A's own) pairs: ``settings_b`` has one setting per
+  ``settings`` or a single one for all; a ValueError names a count that matches neither."""
+  if not settings_b:
+    return [(a, None) for a in (settings or [None])]
+  if len(settings_b) == 1:
+    return [(a, settings_b[0]) for a in (settings or [None])]
+  if not settings or len(settings_b) != len(settings):
+    raise ValueError(f'--setting_b {",".join(settings_b)}: give one B setting per --setting '
+                     f'({len(settings or [])}), or a single one for all.')
+  return list(zip(settings, settings_b))
 
 
 def by_length(records: Sequence[tables.Record], metric: tables.Metric, a: Sequence[str], b: str,
@@ -97,22 +111,14 @@ def by_length(records: Sequence[tables.Record], metric: tables.Metric, a: Sequen
   disagree on ``key``, when a setting has no ``key``, or when two settings give the same recipe,
   N:M and length (choose one with ``settings``).
   """
-  if settings_b is not None and (not settings or len(settings_b) != len(settings)):
-    raise ValueError(f'--setting_b {",".join(settings_b)}: give one B setting per --setting '
-                     f'({len(settings or [])}), or a single one for all.')
-  pairs = dict(zip(settings, settings_b)) if settings_b is not None else {}
   lengths: dict[str, set] = {}
   for r in records:
     if r.config is not None and (not settings or r.setting in settings):
       lengths.setdefault(r.setting, set()).add(r.config.get(key))
   out, seen = [], {}
   for variant in a:
-    found = ([c | {'setting_a': c_s} for c_s, c_sb in pairs.items()
-              for c in cells(records, metric, variant, b, c_s, nms, c_sb)] if pairs else
-             [c | {'setting_a': c['setting']} for c in cells(records, metric, variant, b, None, nms)])
-    for c in found:
-      if settings and c['setting_a'] not in settings:
-        continue
+    for c in (c for s_a, s_b in setting_pairs(settings, settings_b)
+              for c in cells(records, metric, variant, b, s_a, nms, s_b)):
       xs = lengths.get(c['setting_a'], set())
       if len(xs) != 1 or None in xs:
         raise ValueError(f'setting {c["setting_a"]!r}: its runs give {key} = {sorted(map(str, xs))}; '
@@ -222,14 +228,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   settings = args.setting.split(',') if args.setting else None
   nms = args.nm.split(',') if args.nm else None
   settings_b = args.setting_b.split(',') if args.setting_b else None
-  if settings_b and len(settings_b) == 1 and settings and len(settings) > 1:
-    settings_b = settings_b * len(settings)  # One B setting for every A setting.
+  try:
+    pairs = setting_pairs(settings, settings_b)
+  except ValueError as e:
+    ap.error(str(e))
   if args.figure:
     found = by_length(records, metric, args.a.split(','), args.b, settings, nms, args.x, settings_b)
   else:
-    if settings_b and (not settings or len(settings_b) != len(settings)):
-      ap.error(f'--setting_b {args.setting_b}: give one B setting per --setting, or a single one for all.')
-    pairs = list(zip(settings, settings_b)) if settings_b else [(s, None) for s in (settings or [None])]
     found = [c for a in args.a.split(',') for s, sb in pairs
              for c in cells(records, metric, a, args.b, s, nms, sb)]
   if not found:

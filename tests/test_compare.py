@@ -102,7 +102,14 @@ def test_by_length_pairs_each_setting_with_its_own_b_setting():
   assert compare.pair_label(matched) == "SR-STE at MDGF-exponential's FLOPs - MDGF-exponential"
   with pytest.raises(ValueError, match='one B setting per --setting'):
     compare.by_length(rs, metric, ['srste'], 'mdgf-exp', ['epochs1_long', 'epochs5_long'], ['1:16'],
-                      settings_b=['epochs1'])
+                      settings_b=['epochs1', 'epochs5', 'epochs15'])
+  # One B setting serves every A setting; none pairs each with its own.
+  assert compare.setting_pairs(['x', 'y'], ['b']) == [('x', 'b'), ('y', 'b')]
+  assert compare.setting_pairs(['x', 'y'], None) == [('x', None), ('y', None)]
+  assert compare.setting_pairs(None, None) == [(None, None)]
+  assert compare.setting_pairs(None, ['b']) == [(None, 'b')]  # Every A setting against B's 'b'.
+  with pytest.raises(ValueError, match='one B setting per --setting'):
+    compare.setting_pairs(None, ['b', 'c'])
 
 
 def test_markdown_table_by_hand():

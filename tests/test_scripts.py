@@ -565,3 +565,13 @@ def test_validate_checks_every_runs_config_with_its_set_values_before_any_run(tm
   no_key = sweep.make_runs(VIT, ['srste'], ['1:16'], [0], root, overrides=['config.sparsity.recipe.lam=1e-3'])
   with pytest.raises(ValueError, match="has no key 'sparsity.recipe.lam'"):
     sweep.validate(no_key)
+
+
+def test_flops_of_a_config_this_code_cannot_rebuild_is_named_not_guessed():
+  # A config.json of another schema (no model section): its FLOPs are an error the table names.
+  config = {'task': 'classification', 'batch_size': 8, 'sparsity': {}}
+  record = tables.Record(name='old', workdir='/nonexistent', variant='srste', nm='1:8', seed=0, setting='',
+                         section='vit', state='finished', detail='', config=config,
+                         final={'step': 10, 'eval_accuracy': 0.5})
+  [(name, entry)] = tables.flops_for([record]).items()
+  assert name == 'old' and set(entry) == {'error'} and "'model'" in entry['error']
