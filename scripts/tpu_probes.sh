@@ -29,10 +29,10 @@ report() {  # out-name a b [hlo_bytes flags]
 # T5.1.1-Base widths with 2 encoder and 2 decoder layers, the paper's batch: the same per-device
 # program as the 12 + 12 layer model, 2 minutes to compile instead of 4-9 and 4 GB instead of 13.
 for topo in v4:2x2x4 v5e:4x8; do
-  for r in dense ste mdgf; do
+  for r in dense ste mdgf srste sdgf; do
     compile "t5_depth2_${r}_${topo/:/_}" "configs/t5_c4.py:recipe=$r,nm=1:16,layers=all,depth=2" "$topo"
   done
-  for r in ste mdgf; do
+  for r in ste mdgf srste sdgf; do
     report "t5_depth2_${r}_vs_dense_${topo/:/_}" "$W/t5_depth2_dense_${topo/:/_}/train_${topo/:/_}.hlo.txt.gz" \
       "$W/t5_depth2_${r}_${topo/:/_}/train_${topo/:/_}.hlo.txt.gz" --top 15
   done
@@ -71,3 +71,19 @@ compile t5_depth2_dense_h100_8 configs/t5_c4.py:recipe=dense,depth=2 h100:8
 compile t5_depth2_sdgf_h100_8 configs/t5_c4.py:recipe=sdgf,nm=1:16,layers=all,depth=2 h100:8
 report t5_depth2_sdgf_vs_dense_h100_8 "$W/t5_depth2_dense_h100_8/train_h100_8.hlo.txt.gz" \
   "$W/t5_depth2_sdgf_h100_8/train_h100_8.hlo.txt.gz" --top 15
+
+# SR-STE's term against STE, and STEP per branch of AutoSwitch's statistic, on MLP + Q, K, V: ViT-B/16
+# and SwinV2-B (a SwinV2-B compile needs 13 GB of host memory and 6-10 minutes).
+for r in ste srste; do
+  compile "vit_${r}_mlp_qkv" "configs/vit_imagenet.py:recipe=$r,nm=1:16,layers=mlp_qkv" v4:2x2x4
+done
+report vit_srste_mlp_qkv_vs_ste_v4_2x2x4 "$W/vit_ste_mlp_qkv/train_v4_2x2x4.hlo.txt.gz" \
+  "$W/vit_srste_mlp_qkv/train_v4_2x2x4.hlo.txt.gz" --top 15
+compile swin_dense configs/swinv2_imagenet.py:recipe=dense v4:2x2x4
+for r in ste srste step; do
+  compile "swin_${r}_mlp_qkv" "configs/swinv2_imagenet.py:recipe=$r,nm=1:16,layers=mlp_qkv" v4:2x2x4
+done
+report swin_srste_mlp_qkv_vs_ste_v4_2x2x4 "$W/swin_ste_mlp_qkv/train_v4_2x2x4.hlo.txt.gz" \
+  "$W/swin_srste_mlp_qkv/train_v4_2x2x4.hlo.txt.gz" --top 15
+report swin_step_mlp_qkv_vs_dense_v4_2x2x4 "$W/swin_dense/train_v4_2x2x4.hlo.txt.gz" \
+  "$W/swin_step_mlp_qkv/train_v4_2x2x4.hlo.txt.gz" --top 15
