@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Where the recipes' TPU bytes go: compile a few cells with their HLO and attribute the bytes by
 # op name (experiments/hlo_bytes.py). Writes results/tpu_plan/probes/*.txt; results/tpu_plan.md
-# (Findings) quotes them. About 25 minutes on one core; compiles already in WORKDIRS are reused.
+# (Findings) quotes them. About 75 minutes on one core (half of it the four SwinV2-B compiles at the
+# end); compiles already in WORKDIRS are reused.
 #
 #   bash scripts/tpu_probes.sh [WORKDIRS]     # default workdirs/tpu_probes
 set -euo pipefail
@@ -40,9 +41,10 @@ done
 report t5_depth2_ste_vs_mdgf_v4_2x2x4 "$W/t5_depth2_mdgf_v4_2x2x4/train_v4_2x2x4.hlo.txt.gz" \
   "$W/t5_depth2_ste_v4_2x2x4/train_v4_2x2x4.hlo.txt.gz" --top 15
 
-# ViT-B/16 at batch 4096 on v4-32: STEP and MDGF on MLP + Q, K, V, SDGF on the MLPs and on MLP + Q, K, V.
+# ViT-B/16 at batch 4096 on v4-32: STEP, MDGF, STE and SR-STE on MLP + Q, K, V, SDGF on the MLPs and on MLP + Q, K, V.
 compile vit_dense configs/vit_imagenet.py:recipe=dense v4:2x2x4
-for r in step,layers=mlp_qkv mdgf,layers=mlp_qkv sdgf,layers=mlp sdgf,layers=mlp_qkv; do
+for r in step,layers=mlp_qkv mdgf,layers=mlp_qkv sdgf,layers=mlp sdgf,layers=mlp_qkv ste,layers=mlp_qkv \
+         srste,layers=mlp_qkv; do
   name=vit_${r/,layers=/_}
   compile "$name" "configs/vit_imagenet.py:recipe=$r,nm=1:16" v4:2x2x4
   report "${name}_vs_dense_v4_2x2x4" "$W/vit_dense/train_v4_2x2x4.hlo.txt.gz" "$W/$name/train_v4_2x2x4.hlo.txt.gz" --top 15
@@ -73,10 +75,7 @@ report t5_depth2_sdgf_vs_dense_h100_8 "$W/t5_depth2_dense_h100_8/train_h100_8.hl
   "$W/t5_depth2_sdgf_h100_8/train_h100_8.hlo.txt.gz" --top 15
 
 # SR-STE's term against STE, and STEP per branch of AutoSwitch's statistic, on MLP + Q, K, V: ViT-B/16
-# and SwinV2-B (a SwinV2-B compile needs 13 GB of host memory and 6-10 minutes).
-for r in ste srste; do
-  compile "vit_${r}_mlp_qkv" "configs/vit_imagenet.py:recipe=$r,nm=1:16,layers=mlp_qkv" v4:2x2x4
-done
+# (compiled above) and SwinV2-B (a SwinV2-B compile needs 13 GB of host memory and 6-10 minutes).
 report vit_srste_mlp_qkv_vs_ste_v4_2x2x4 "$W/vit_ste_mlp_qkv/train_v4_2x2x4.hlo.txt.gz" \
   "$W/vit_srste_mlp_qkv/train_v4_2x2x4.hlo.txt.gz" --top 15
 compile swin_dense configs/swinv2_imagenet.py:recipe=dense v4:2x2x4
