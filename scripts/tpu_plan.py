@@ -35,10 +35,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join('results', 'tpu_plan')
 PRIMARY, SECONDARY, GPU = 'v4:2x2x4', 'v5e:4x8', 'h100:8'
 PROGRAMS = ('train', 'diagnostics', 'eval')  # Column "programs": their initials, t+d+e.
-# XLA's TPU compiler needs about 13 GB of host memory for these models' steps (ViT-B: 1-5 GB):
-# on a 24 GB machine two of them at once are killed, so at most one runs at a time.
+# Peak host memory of one compile (GiB), measured on this grid's cells: XLA's TPU compiler needs
+# 16-18 GB for a SwinV2-B or T5-Base step (two T5 compiles beside ViT-B/16's diagnostics step,
+# 6.3 GB, were killed on a 24 GB machine), 6-7 GB for ViT-B/16 with its diagnostics step or SDGF's
+# stage switch and 2-4 GB for a ViT-B/16 train step. The runner starts a compile only while the
+# running ones' sum stays within the machine's memory less 3 GB; a cell above that runs alone.
 BIG = ('swinv2', 't5')
 BIG_RECIPES = ('sdgf', 'mdgf_sdgf')  # Their stage switch: ViT-B's compile was killed beside a T5 one.
+
+
+def host_gib(cell: 'Cell') -> float:
+  """The peak host memory (GiB) a cell's compile is planned with."""
+  if cell.model in BIG:
+    return 18.0
+  return 7.0 if cell.recipe in BIG_RECIPES or len(cell.programs) > 1 else 4.0
+
+
+def host_budget_gib() -> float:
+  """This machine's physical memory (GiB) less 3 GiB for everything else."""
+  return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30 - 3.0
 
 
 # The levers a cell needs to fit with 10 % headroom. SwinV2-B on a v5e-32 (16 GB per device)
@@ -48,8 +63,6 @@ BIG_RECIPES = ('sdgf', 'mdgf_sdgf')  # Their stage switch: ViT-B's compile was k
 FSDP = {('swinv2', SECONDARY): 8}
 
 
-def is_big(cell: 'Cell') -> bool:
-  return cell.model in BIG or cell.recipe in BIG_RECIPES
 DOC = os.path.join('results', 'tpu_plan.md')
 BEGIN, END = '<!-- tables: python -m scripts.tpu_plan --mode table -->', '<!-- end of tables -->'
 RECIPES = ('ste', 'srste', 'mdgf', 'sdgf', 'mdgf_sdgf', 'step')
@@ -153,16 +166,17 @@ def run(jobs: int, python: str, gpu: bool = True) -> int:
   pending = sorted((c for c in cells(gpu) if not os.path.exists(c.json_path)), key=priority)
   for c in pending:
     os.makedirs(os.path.dirname(c.json_path), exist_ok=True)
-  print(f'{len(pending)} of {len(cells(gpu))} cells to compile, {jobs} at a time '
-        f'({", ".join(BIG + BIG_RECIPES)}: one at a time)', flush=True)
+  print(f'{len(pending)} of {len(cells(gpu))} cells to compile, up to {jobs} at a time within '
+        f'{host_budget_gib():.1f} GiB of host memory', flush=True)
   failed, t0, done = 0, time.time(), 0
-  lock, big_running = threading.Lock(), [False]
+  lock, running = threading.Lock(), []  # The host memory (GiB) of each compile running now.
+  budget = host_budget_gib()
 
-  def take():  # The first pending cell allowed now: never two big compiles at once.
+  def take():  # The first pending cell that fits in host memory beside the running ones.
     with lock:
       for i, c in enumerate(pending):
-        if not is_big(c) or not big_running[0]:
-          big_running[0] |= is_big(c)
+        if not running or sum(running) + host_gib(c) <= budget:
+          running.append(host_gib(c))
           return pending.pop(i)
       return None
 
@@ -173,7 +187,7 @@ def run(jobs: int, python: str, gpu: bool = True) -> int:
         with lock:
           if not pending:
             return
-        time.sleep(5)  # Only big cells are left and one is running.
+        time.sleep(5)  # What is left waits for host memory.
         continue
       try:
         results.put(run_cell(cell, python))
@@ -181,9 +195,8 @@ def run(jobs: int, python: str, gpu: bool = True) -> int:
         results.put((cell, -1, 0.0))  # Counted as failed; the error itself is raised below.
         raise
       finally:
-        if is_big(cell):
-          with lock:
-            big_running[0] = False
+        with lock:
+          running.remove(host_gib(cell))
 
   results = queue.Queue()
   total = len(pending)

@@ -1,8 +1,13 @@
 """scripts/tpu_plan.py: the grid issue 12 asks for, and its tables from per-cell JSON files."""
 
+import threading
+import time
+
 import pytest
 
 from scripts import tpu_plan
+
+time_sleep = time.sleep  # The real one: the runner's polling sleep is shortened in a test.
 
 
 def test_grid_covers_every_setting_recipe_and_generation():
@@ -98,3 +103,35 @@ def test_run_order_puts_what_matters_most_first():
   # Within a stage, recipe by recipe with every model in turn (a stopped grid has each model).
   ste = [c.model for c in order if c.recipe == 'ste' and c.topology == 'v4:2x2x4' and c.layers == first[c.model]]
   assert ste == ['vit', 'swinv2', 't5'] and order[6].recipe == 'ste'
+
+
+def test_run_keeps_concurrent_compiles_within_host_memory(monkeypatch, tmp_path):
+  """Two T5 compiles beside a ViT-B/16 diagnostics compile were killed on a 24 GB machine:
+  with 20.5 GiB to share, a T5 or SwinV2 cell (18 GiB) runs alone, ViT cells run two at a time."""
+  grid = [tpu_plan.Cell(m, r, '1:16', l, 'v4:2x2x4', p) for m, r, l, p in (
+      ('vit', 'dense', 'mlp', tpu_plan.PROGRAMS), ('t5', 'dense', 'all', ('train', 'eval')),
+      ('vit', 'ste', 'mlp', ('train',)), ('t5', 'ste', 'all', ('train',)),
+      ('vit', 'sdgf', 'mlp', ('train',)), ('swinv2', 'ste', 'mlp', ('train',)),
+      ('vit', 'srste', 'mlp', ('train',)))]
+  monkeypatch.setattr(tpu_plan, 'ROOT', str(tmp_path))
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(tpu_plan, 'cells', lambda gpu=True: list(grid))
+  monkeypatch.setattr(tpu_plan, 'host_budget_gib', lambda: 20.5)
+  lock, running, seen = threading.Lock(), [], []
+
+  def fake_run_cell(cell, python):
+    with lock:
+      running.append(cell)
+      seen.append(tuple(c.model for c in running))
+    time_sleep(0.05)
+    with lock:
+      running.remove(cell)
+    return cell, 0, 0.05
+
+  monkeypatch.setattr(tpu_plan, 'run_cell', fake_run_cell)
+  monkeypatch.setattr(tpu_plan.time, 'sleep', lambda s: time_sleep(min(s, 0.01)))
+  assert tpu_plan.run(jobs=2, python='python') == 0
+  assert len(seen) == len(grid)  # Every cell ran once.
+  for models in seen:  # 18 GiB + anything else > 20.5 GiB; two ViT cells fit (7 + 7, 7 + 4).
+    assert len(models) == 1 or not set(models) & {'t5', 'swinv2'}, seen
+  assert any(len(models) == 2 for models in seen), seen  # The second worker is used.
