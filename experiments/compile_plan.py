@@ -345,7 +345,9 @@ def plan(config: ml_collections.ConfigDict, topology: str, *,
     # XLA's `bytes accessed` also counts traffic to on-chip memories; this is HBM alone, from
     # the buffers' memory spaces in the optimised HLO (the costliest branch of a conditional).
     traffic = hlo_bytes.traffic(text)
-    fig['hlo_hbm_bytes'] = max(hlo_bytes.step_bytes(traffic).values())
+    branches = hlo_bytes.step_bytes(traffic)
+    fig['hlo_hbm_bytes'] = max(branches.values())
+    fig['hlo_hbm_bytes_by_branch'] = branches  # {'': bytes}, or one per branch index of the conditionals.
     fig['hlo_hbm_bytes_by_kind'] = dict(traffic['kind'])  # compute, staging, collective (every branch).
     out['programs'][name] = fig
     if hlo_dir:

@@ -233,6 +233,17 @@ def _gb(x: float) -> str:
   return f'{x / 1e9:.2f}'
 
 
+def _hbm_ratio(train: dict, dense_train: dict) -> str:
+  """HBM bytes over dense's; ``lo-hi`` over the branches of the step's conditionals where they
+  differ (STEP before and after AutoSwitch, SDGF's stages), else the one figure."""
+  if 'hlo_hbm_bytes' not in train or 'hlo_hbm_bytes' not in dense_train:
+    return '-'
+  ratios = [b / dense_train['hlo_hbm_bytes'] for b in
+            train.get('hlo_hbm_bytes_by_branch', {'': train['hlo_hbm_bytes']}).values()]
+  lo, hi = f'{min(ratios):.4f}', f'{max(ratios):.4f}'
+  return hi if lo == hi else f'{lo}-{hi}'
+
+
 def table(results: dict[Cell, dict]) -> str:
   lines = []
   for model, (config, presets, title) in MODELS.items():
@@ -256,8 +267,7 @@ def table(results: dict[Cell, dict]) -> str:
         need = max(p['total_bytes'] for p in r['programs'].values())
         ratio = lambda key: (train[key] / dense['programs']['train'][key]) if dense else float('nan')
         d_train = dense['programs']['train'] if dense else {}
-        hbm_ratio = lambda t: (f'{t["hlo_hbm_bytes"] / d_train["hlo_hbm_bytes"]:.4f}'  # noqa: E731
-                               if 'hlo_hbm_bytes' in t and 'hlo_hbm_bytes' in d_train else '-')
+        hbm_ratio = lambda t: _hbm_ratio(t, d_train)  # noqa: E731
         lines.append(
             f'| {c.recipe} | {c.nm if c.recipe != "dense" else "-"} | {c.layers if c.recipe != "dense" else "-"} | '
             f'{r["mesh"]["data"]} x {r["mesh"]["fsdp"]} | {_gb(need)} | {r["headroom"]:.0%} | {"+".join(p[0] for p in PROGRAMS if p in r["programs"])} | '

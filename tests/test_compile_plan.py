@@ -169,6 +169,7 @@ def test_the_optimised_hlo_is_written_and_attributed(tiny_plan):
     # The plan's HBM-only figure is the same count over HBM (no conditional in this step).
     hbm = hlo_bytes.traffic(hlo_bytes._read(path))['space']['HBM']  # pylint: disable=protected-access
     assert out['programs'][program]['hlo_hbm_bytes'] == hbm and 0 < hbm < total
+    assert out['programs'][program]['hlo_hbm_bytes_by_branch'] == {'': hbm}
     by_kind = out['programs'][program]['hlo_hbm_bytes_by_kind']
     assert sum(by_kind.values()) == pytest.approx(hbm) and by_kind['collective'] > 0  # The batch is split 4 ways.
     assert any('encoderblock_*' in k and k.endswith('dot_general') for k in t['op']), list(t['op'])[:20]

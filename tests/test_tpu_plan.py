@@ -69,6 +69,10 @@ def test_table_ratios_to_dense_and_program_order():
   s['programs']['train'] = dict(s['programs']['train'], hlo_hbm_bytes=81.0)
   rows = [l for l in tpu_plan.table({ste: s, dense: d}).splitlines() if l.startswith('| ste')]
   assert rows[0].strip('|').split('|')[-1].strip() == '1.0125'  # 81 / 80
+  # A step with a conditional (STEP's AutoSwitch): the range over its branches.
+  s['programs']['train'].update(hlo_hbm_bytes=84.0, hlo_hbm_bytes_by_branch={'0': 84.0, '1': 81.0})
+  rows = [l for l in tpu_plan.table({ste: s, dense: d}).splitlines() if l.startswith('| ste')]
+  assert rows[0].strip('|').split('|')[-1].strip() == '1.0125-1.0500'  # 81 / 80 and 84 / 80
 
 
 def test_write_replaces_only_the_marked_tables(tmp_path, monkeypatch):
