@@ -4,7 +4,7 @@ r"""ViT-B/16 on ImageNet-1k with the paper's reference recipe and N:M sparse MLP
         --config.data.data_dir=gs://BUCKET/tensorflow_datasets --workdir=gs://BUCKET/runs/vit_b16_mdgf_1x16
 
 Hardware (measured ahead of time, ``results/tpu_plan.md``): fits a v4-32 at batch 4096 with
-no fsdp or remat, 10.70 GB of a device's 17.18 GB (38 % headroom; MDGF 1:16: 10.41 GB); the
+no fsdp or remat, 10.70 GB of a device's 17.18 GB (38 % headroom; MDGF 1:16: 10.28 GB); the
 train step's roofline is 173 ms (memory-bound), so 350 epochs (109,200 steps) take at least
 5.3 h, 84 chip-hours; on a v5e-32, 135 ms, 4.1 h, 132 chip-hours. A lower bound: the roofline
 ignores the collectives and imperfect overlap. One process per host: on Cloud TPU set

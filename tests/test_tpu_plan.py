@@ -143,3 +143,33 @@ def test_run_keeps_concurrent_compiles_within_host_memory(monkeypatch, tmp_path)
     assert len(running_now) == 1 or not models & {'t5', 'swinv2'}, seen
     assert sum(c.recipe in ('sdgf', 'mdgf_sdgf') for c in running_now) <= 1, seen
   assert any(len(running_now) == 2 for running_now in seen), seen  # The second worker is used.
+
+
+@pytest.mark.parametrize('model', ['vit', 'swinv2', 't5'])
+def test_config_docstrings_quote_the_compiled_plan(model):
+  """The paper configs' "Hardware" lines quote results/tpu_plan/: dense on v4-32, its HBM per
+  device, the device's HBM, the headroom, the roofline step time and chip-hours; ViT-B/16 also
+  MDGF 1:16's HBM. A recompiled cell that moves them fails here until the docstring follows."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  config_file, presets, _ = tpu_plan.MODELS[model]
+  doc = importlib.import_module(config_file[:-3].replace('/', '.')).__doc__
+  doc = ' '.join(doc.split())  # Lines joined.
+
+  def load(recipe):
+    cell = tpu_plan.Cell(model, recipe, '1:16', presets[0], tpu_plan.PRIMARY, tpu_plan.PROGRAMS)
+    with open(os.path.join(tpu_plan.ROOT, cell.json_path)) as f:
+      return json.load(f)
+
+  dense = load('dense')
+  need = max(p['total_bytes'] for p in dense['programs'].values())
+  quoted = (f'{need / 1e9:.2f} GB of a device\'s {dense["hbm_per_device_bytes"] / 1e9:.2f} GB '
+            f'({dense["headroom"] * 100:.0f} % headroom')
+  assert quoted in doc, (quoted, doc)
+  assert re.search(rf'roofline is {dense["programs"]["train"]["step_s"] * 1e3:.0f} ms', doc), doc
+  assert f'{dense["run_chip_hours"]:.0f} chip-hours' in doc, doc
+  if model == 'vit':
+    mdgf = load('mdgf')
+    assert f'MDGF 1:16: {max(p["total_bytes"] for p in mdgf["programs"].values()) / 1e9:.2f} GB' in doc, doc
