@@ -253,6 +253,14 @@ def _compile(fn, *args) -> tuple[Any, float]:
   return compiled, time.perf_counter() - t0
 
 
+def no_persistent_cache() -> None:
+  """Turns JAX's persistent compilation cache off for the rest of the process (JAX decides once
+  per process whether to use it, at the first compile). An executable compiled for a topology
+  with no devices attached cannot be loaded back: with a user's cache on, every later compile of
+  the same step warned and compiled again, and the entries, tens of MB each, filled 2.2 GB."""
+  jax.config.update('jax_enable_compilation_cache', False)
+
+
 def steps_per_epoch(config: ml_collections.ConfigDict) -> int:
   """Train steps per epoch from the published split size (epoch-based configs only)."""
   name = config.data.name
@@ -447,6 +455,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, topologies: list[str],
   """Plans every topology; writes ``compile_<topology>.json`` and each program's optimised HLO
   (``<program>_<topology>.hlo.txt.gz``, for ``experiments/hlo_bytes.py``) into ``workdir``;
   returns a summary."""
+  no_persistent_cache()
   summary = {}
   for topology in topologies:
     out = plan(config, topology, programs=tuple(programs), hlo_dir=workdir)

@@ -173,3 +173,40 @@ def test_the_optimised_hlo_is_written_and_attributed(tiny_plan):
     by_kind = out['programs'][program]['hlo_hbm_bytes_by_kind']
     assert sum(by_kind.values()) == pytest.approx(hbm) and by_kind['collective'] > 0  # The batch is split 4 ways.
     assert any('encoderblock_*' in k and k.endswith('dot_general') for k in t['op']), list(t['op'])[:20]
+
+
+def test_compile_mode_leaves_a_persistent_compilation_cache_alone(tmp_path, monkeypatch):
+  """An AOT executable cannot be loaded back, so compile mode turns a user's JAX cache off before
+  it compiles anything; the control, the same compile without that call, is cached."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = '''
+import os, sys, jax, jax.numpy as jnp
+from experiments import compile_plan
+if sys.argv[2] == 'off':
+  compile_plan.no_persistent_cache()
+jax.jit(lambda a: jnp.sin(a) @ a)(jnp.ones((64, 64))).block_until_ready()
+print(len(os.listdir(sys.argv[1])))
+'''
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  counts = {}
+  for arm in ('off', 'on'):
+    cache = tmp_path / arm
+    cache.mkdir()
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PLATFORMS='cpu',
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+    counts[arm] = int(subprocess.run([sys.executable, '-c', code, str(cache), arm], cwd=root, env=env,
+                                     check=True, capture_output=True, text=True).stdout.split()[-1])
+  assert counts['off'] == 0 and counts['on'] >= 1, counts
+  # And run() calls it before the first plan.
+  calls = []
+
+  def first_plan(*args, **kwargs):
+    calls.append('plan')
+    raise KeyboardInterrupt  # Stops run() there.
+
+  monkeypatch.setattr(compile_plan, 'no_persistent_cache', lambda: calls.append('off'))
+  monkeypatch.setattr(compile_plan, 'plan', first_plan)
+  with pytest.raises(KeyboardInterrupt):
+    compile_plan.run(None, str(tmp_path), ['v5e:2x2'])
+  assert calls == ['off', 'plan']
