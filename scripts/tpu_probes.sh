@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where the recipes' TPU bytes go: compile a few cells with their HLO and attribute the bytes by
 # op name (experiments/hlo_bytes.py). Writes results/tpu_plan/probes/*.txt; results/tpu_plan.md
-# (Findings) quotes them. About 75 minutes on one core (half of it the four SwinV2-B compiles at the
+# (Findings) quotes them. About 90 minutes on one core (half of it the four SwinV2-B compiles at the
 # end); compiles already in WORKDIRS are reused.
 #
 #   bash scripts/tpu_probes.sh [WORKDIRS]     # default workdirs/tpu_probes
@@ -40,6 +40,15 @@ for topo in v4:2x2x4 v5e:4x8; do
 done
 report t5_depth2_ste_vs_mdgf_v4_2x2x4 "$W/t5_depth2_mdgf_v4_2x2x4/train_v4_2x2x4.hlo.txt.gz" \
   "$W/t5_depth2_ste_v4_2x2x4/train_v4_2x2x4.hlo.txt.gz" --top 15
+
+# T5.1.1-Base at full depth (12 + 12 layers) on v4-32, STE and SR-STE against dense: the grid cells'
+# misses by op (each compile 4-5 minutes and up to 17 GB of host memory).
+compile t5_dense_v4_2x2x4 configs/t5_c4.py:recipe=dense v4:2x2x4
+for r in ste srste; do
+  compile "t5_${r}_v4_2x2x4" "configs/t5_c4.py:recipe=$r,nm=1:16,layers=all" v4:2x2x4
+  report "t5_${r}_vs_dense_v4_2x2x4" "$W/t5_dense_v4_2x2x4/train_v4_2x2x4.hlo.txt.gz" \
+    "$W/t5_${r}_v4_2x2x4/train_v4_2x2x4.hlo.txt.gz" --top 15
+done
 
 # ViT-B/16 at batch 4096 on v4-32: STEP, MDGF, STE and SR-STE on MLP + Q, K, V, SDGF on the MLPs and on MLP + Q, K, V.
 compile vit_dense configs/vit_imagenet.py:recipe=dense v4:2x2x4
