@@ -169,11 +169,11 @@ def run(jobs: int, python: str, gpu: bool = True) -> int:
   pending = sorted((c for c in cells(gpu) if not os.path.exists(c.json_path)), key=priority)
   for c in pending:
     os.makedirs(os.path.dirname(c.json_path), exist_ok=True)
+  budget = host_budget_gib()
   print(f'{len(pending)} of {len(cells(gpu))} cells to compile, up to {jobs} at a time within '
-        f'{host_budget_gib():.1f} GiB of host memory', flush=True)
+        f'{budget:.1f} GiB of host memory', flush=True)
   failed, t0, done = 0, time.time(), 0
   lock, running = threading.Lock(), []  # The host memory (GiB) of each compile running now.
-  budget = host_budget_gib()
 
   def take():  # The first pending cell that fits in host memory beside the running ones.
     with lock:

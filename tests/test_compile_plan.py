@@ -7,6 +7,8 @@ runs' import path; compile mode points JAX at it).
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -178,8 +180,6 @@ def test_the_optimised_hlo_is_written_and_attributed(tiny_plan):
 def test_compile_mode_leaves_a_persistent_compilation_cache_alone(tmp_path, monkeypatch):
   """An AOT executable cannot be loaded back, so compile mode turns a user's JAX cache off before
   it compiles anything; the control, the same compile without that call, is cached."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   code = '''
 import os, sys, jax, jax.numpy as jnp
 from experiments import compile_plan

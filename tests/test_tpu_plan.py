@@ -1,5 +1,9 @@
 """scripts/tpu_plan.py: the grid issue 12 asks for, and its tables from per-cell JSON files."""
 
+import importlib
+import json
+import os
+import re
 import threading
 import time
 
@@ -150,10 +154,6 @@ def test_config_docstrings_quote_the_compiled_plan(model):
   """The paper configs' "Hardware" lines quote results/tpu_plan/: dense on v4-32, its HBM per
   device, the device's HBM, the headroom, the roofline step time and chip-hours; ViT-B/16 also
   MDGF 1:16's HBM. A recompiled cell that moves them fails here until the docstring follows."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import re  # pylint: disable=g-import-not-at-top
   config_file, presets, _ = tpu_plan.MODELS[model]
   doc = importlib.import_module(config_file[:-3].replace('/', '.')).__doc__
   doc = ' '.join(doc.split())  # Lines joined.
